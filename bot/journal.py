@@ -92,8 +92,13 @@ def read_events(path: Path | str) -> Iterator[Event]:
     read_header(path)
     with _open(path, "rb") as handle:
         handle.readline()
-        for line_number, line in enumerate(handle, start=2):
-            if not line.endswith(b"\n"):
-                log.warning("journal_truncated_line", path=str(path), line=line_number)
-                return
-            yield decode(line)
+        line_number = 1
+        try:
+            for line_number, line in enumerate(handle, start=2):
+                if not line.endswith(b"\n"):
+                    log.warning("journal_truncated_line", path=str(path), line=line_number)
+                    return
+                yield decode(line)
+        except (EOFError, gzip.BadGzipFile):
+            # a compressed journal whose writer died: everything up to its last flush is readable
+            log.warning("journal_truncated_stream", path=str(path), line=line_number + 1)
