@@ -140,6 +140,8 @@ class InboundQueue:
         self._latest: dict[tuple[str, str], int] = {}
         self._sequence = 0
         self._ready = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
         self.conflated = 0
         self.dropped = 0
 
@@ -166,11 +168,20 @@ class InboundQueue:
             self._latest[key] = self._sequence
         self._ready.set()
 
+    async def put(self, event: Event) -> None:
+        """Queue with backpressure: a source that can wait (synthetic feed, replay) never loses data."""
+        while isinstance(event, MarketData) and len(self._market) >= self.capacity:
+            self._space.clear()
+            await self._space.wait()
+        self.put_nowait(event)
+
     def get_nowait(self) -> Event | None:
         if self._control:
             return self._control.popleft()
         if self._market:
-            return self._market.popitem(last=False)[1]
+            event = self._market.popitem(last=False)[1]
+            self._space.set()
+            return event
         self._ready.clear()
         return None
 

@@ -172,3 +172,22 @@ async def test_live_clock_timer_fires_on_wall_time() -> None:
     assert len(fired) >= 3
     assert all(ts % 10_000_000 == 0 for ts in fired)
     assert abs(clock.now_ns() - fired[-1]) < 1_000_000_000
+
+
+async def test_inbound_queue_put_waits_for_space_instead_of_dropping() -> None:
+    queue = InboundQueue(capacity=3)
+    produced = [trade(i, f"t{i}") for i in range(20)]
+
+    async def producer() -> None:
+        for event in produced:
+            await queue.put(event)
+
+    task = asyncio.create_task(producer())
+    consumed = []
+    while len(consumed) < len(produced):
+        consumed.append(await queue.get())
+        assert len(queue) <= 3
+        await asyncio.sleep(0)
+    await task
+    assert consumed == produced
+    assert queue.dropped == 0
