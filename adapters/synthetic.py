@@ -364,7 +364,7 @@ class SyntheticMarket:
         self._paths = [self._new_path(asset) for asset in cfg.assets]
         self._surface_path = next(p for p in self._paths if p.config.symbol == cfg.surface_asset)
         self._params = [
-            [regime.heston(regime.theta, asset.variance_scale) for asset in cfg.assets]
+            [regime.heston(regime.theta * asset.variance_scale, asset.variance_scale) for asset in cfg.assets]
             for regime in cfg.regimes
         ]
         self._trade_counts = {book.instrument: 0 for p in self._paths for book in (p.spot, p.perp)}
