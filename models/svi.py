@@ -9,11 +9,13 @@ optimiser makes the static constraints hold by construction:
   (``g(k) → 1/4 − b²(1 ± ρ)²/16``); it implies the Rogers–Tehranchi bound ``b(1 + |ρ|) ≤ 4``;
 * ``σ > 0`` and a non-negative minimum variance ``a + bσ√(1 − ρ²) ≥ 0``.
 
-The density condition ``g(k) ≥ 0`` (no butterfly arbitrage) and calendar order (``w`` non-decreasing
-in ``T`` at every ``k``) are imposed as hinge penalties on a fine ``k`` grid spanning the quotes and
-the project grid, with half their width again on each side. Slices are fitted from the longest
-expiry to the shortest, each capped by the longer one already fitted: short expiries quote the
-narrowest ``k`` range, so their unquoted wings are the ones that should give way.
+Gatheral's density condition ``g(k) ≥ 0`` (no butterfly arbitrage) and calendar order (``w``
+non-decreasing in ``T`` at every ``k``) are checked, exactly, on a fine ``k`` grid spanning the quotes
+and the project grid with half their width again on each side; ``SurfaceFit``'s flags report them,
+so arbitrage in the quotes shows up rather than being silently fitted away. On request
+(``enforce_no_arbitrage=True``) both are imposed as hinge penalties instead: slices are then fitted
+from the longest expiry to the shortest, each capped by the longer one already fitted, because
+short expiries quote the narrowest ``k`` range and their unquoted wings are the ones to give way.
 
 A slice's fit starts with Zeliade's quasi-explicit reduction: for fixed ``(m, σ)`` the model is
 linear in ``(a, bσρ, bσ)``, so a coarse ``(m, σ)`` grid is solved in closed form and the best few
@@ -46,10 +48,11 @@ _DENSITY_MARGIN = 1e-3
 _CALENDAR_MARGIN = 1e-4
 _SEED_STARTS = 3
 _SEED_CENTRES = 9
-_SEED_WIDTHS = np.array([0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0])
+_SEED_WIDTHS = np.array([0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 1.9])
 # With fewer quotes than SVI's five parameters a slice is not identified; a weak pull towards its
 # closed-form seed (in optimiser coordinates, against IV residuals) makes the fit unique and fast.
 _SEED_ANCHOR = 1e-3
+_SEED_RIDGE = 1e-8
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,10 @@ def _seed_candidates(k: np.ndarray, w: np.ndarray, weights: np.ndarray) -> np.nd
     y = (k[None, :] - m[:, None]) / sigma[:, None]
     design = np.stack([np.ones_like(y), y, np.sqrt(y * y + 1.0)], axis=-1)
     weighted = design * weights[None, :, None]
-    normal = np.einsum("cni,cnj->cij", weighted, design) + 1e-14 * np.eye(3)
+    # A faint ridge on the slopes (bσρ, bσ) decides slices with fewer quotes than parameters in
+    # favour of the flattest smile through them; with enough quotes it changes nothing visible.
+    ridge = _SEED_RIDGE * float(weights.sum()) * np.diag([0.0, 1.0, 1.0])
+    normal = np.einsum("cni,cnj->cij", weighted, design) + ridge + 1e-14 * np.eye(3)
     a, d, c = np.linalg.solve(normal, np.einsum("cni,n->ci", weighted, w)[..., None])[..., 0].T
     c = np.maximum(c, 1e-8)
     rho = np.clip(d / c, -0.99, 0.99)
@@ -198,7 +204,9 @@ def _seed_candidates(k: np.ndarray, w: np.ndarray, weights: np.ndarray) -> np.nd
     a = np.maximum(a, 1e-12 - b * sigma * np.sqrt(1.0 - rho * rho))
     candidates = np.stack([a, b, rho, m, sigma], axis=1)
     model = np.stack([_svi_derivatives(k, row)[0] for row in candidates])
-    cost = ((model - w[None, :]) ** 2 * weights[None, :]).sum(axis=1)
+    cost = ((model - w[None, :]) ** 2 * weights[None, :]).sum(axis=1) + _SEED_RIDGE * float(weights.sum()) * (
+        (b * sigma) ** 2
+    )
     return candidates[np.argsort(cost)]
 
 
@@ -218,11 +226,40 @@ def _fit_slice(
     """
     w_market = iv * iv * maturity
     sqrt_weights = np.sqrt(weights)
-    span = float(np.ptp(check_k))
-    lower = np.array([check_k.min(), np.log(1e-4 * span), -40.0, -40.0, np.log(1e-8 * w_market.min())])
-    upper = np.array([check_k.max(), np.log(10.0 * span), 40.0, 40.0, np.log(10.0 * w_market.max())])
+    # Bounds scaled by the quoted span keep the optimiser off SVI's flat ridge (m and σ running away
+    # together towards the parabolic limit), which noisy slices otherwise crawl along.
+    span = max(float(np.ptp(k)), 0.01)
+    # Logits within ±25 keep |ρ| < 1 and both wing slopes < 2 strictly, even after rounding.
+    lower = np.array([k.min() - span, np.log(1e-4 * span), -25.0, -25.0, np.log(1e-8 * w_market.min())])
+    upper = np.array([k.max() + span, np.log(2.0 * span), 25.0, 25.0, np.log(10.0 * w_market.max())])
 
     identified = k.size >= 5
+
+    def jacobian(theta: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        """Analytic ∂residuals/∂θ of the plain fit, from w = F − σ√(LR) + (R − L)(k − m)/2 + (L + R)ρ̃/2
+        with wing slopes L, R, floor F and ρ̃ = √((k − m)² + σ²)."""
+        m, log_sigma, logit_left, logit_right, log_floor = theta
+        sigma = np.exp(log_sigma)
+        left = MAX_WING_SLOPE / (1.0 + np.exp(-logit_left))
+        right = MAX_WING_SLOPE / (1.0 + np.exp(-logit_right))
+        km = k - m
+        root = np.sqrt(km * km + sigma * sigma)
+        geometric = np.sqrt(left * right)
+        w = np.exp(log_floor) - sigma * geometric + 0.5 * (right - left) * km + 0.5 * (left + right) * root
+        dw = np.stack(
+            [
+                -0.5 * (right - left) - 0.5 * (left + right) * km / root,
+                sigma * (0.5 * (left + right) * sigma / root - geometric),
+                (0.5 * (root - km) - 0.5 * sigma * right / geometric) * left * (1.0 - left / MAX_WING_SLOPE),
+                (0.5 * (root + km) - 0.5 * sigma * left / geometric) * right * (1.0 - right / MAX_WING_SLOPE),
+                np.full_like(k, np.exp(log_floor)),
+            ],
+            axis=1,
+        )
+        rows = (sqrt_weights / (2.0 * np.sqrt(w * maturity)))[:, None] * dw
+        if identified:
+            return rows
+        return np.vstack([rows, _SEED_ANCHOR * np.eye(5)])
 
     def residuals(theta: np.ndarray, seed: np.ndarray) -> np.ndarray:
         params = _from_free(theta)
@@ -240,7 +277,15 @@ def _fit_slice(
     seeds = _seed_candidates(k, w_market, weights / (2.0 * iv * maturity) ** 2)
     starts = [_to_free(seed, lower, upper) for seed in seeds[:_SEED_STARTS]]
     results = [
-        least_squares(residuals, start, bounds=(lower, upper), x_scale="jac", max_nfev=200, args=(start,))
+        least_squares(
+            residuals,
+            start,
+            jac="2-point" if enforce_no_arbitrage else jacobian,
+            bounds=(lower, upper),
+            x_scale="jac",
+            max_nfev=200,
+            args=(start,),
+        )
         for start in starts
     ]
     return _from_free(min(results, key=lambda result: result.cost).x)
