@@ -1,1 +1,1 @@
-"""config package."""
+"""Typed settings (``config.settings``) and the shipped defaults (``config/default.toml``)."""
