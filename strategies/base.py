@@ -65,11 +65,11 @@ class Policy(ABC):
 
 
 def clip_exposure(value: float) -> float:
-    """``value`` clipped to [-1, 1]; NaN (no opinion) becomes 0, ±inf the nearest bound."""
+    """``value`` clipped to [-1, 1]; NaN (no opinion) becomes 0, ±inf the nearest bound, -0.0 is 0.0."""
     value = float(value)
     if math.isnan(value):
         return 0.0
-    return min(1.0, max(-1.0, value))
+    return min(1.0, max(-1.0, value)) + 0.0
 
 
 def register_policy(name: str) -> Callable[[PolicyLoader], PolicyLoader]:

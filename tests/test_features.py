@@ -278,12 +278,29 @@ def test_surface_change_level_and_age() -> None:
     assert stale["surface.BTC.atm_iv_30d"] == 0.0 and stale["surface.BTC.age_s"] == 900.0
 
 
-def test_surface_of_another_underlying_or_malformed_is_ignored() -> None:
+def test_invalid_nodes_are_skipped_and_interpolated_over() -> None:
+    """Sources mark nodes they could not invert with 0.0 or NaN (deep OTM, short maturities)."""
+    a, b, c = 0.6, -0.3, 0.1
+    iv = linear_surface(LOG_MONEYNESS, MATURITIES, a, b, c)
+    iv[-3:, 0] = 0.0
+    iv[3, 0] = float("nan")  # the 30 d ATM node itself
+    iv[:, 1] = 0.0
+    iv[5, 1] = 0.5  # 60 d keeps one node only: dropped
+    bus, engine = engine_with("surface", atm_tenors_days=[30, 90])
+    bus.feed(surface(0.0, iv))
+    values = values_at(engine, 60)
+    assert values["surface.BTC.available"] == 1.0
+    assert values["surface.BTC.atm_iv_30d"] == pytest.approx(a + c * MATURITIES[0], rel=1e-12)
+    assert values["surface.BTC.atm_iv_90d"] == pytest.approx(a + c * MATURITIES[2], rel=1e-12)
+    assert values["surface.BTC.skew_30d"] == pytest.approx(b * (math.log(0.9) - math.log(1.1)), rel=1e-12)
+
+
+def test_surface_of_another_underlying_or_without_usable_nodes_is_ignored() -> None:
     bus, engine = engine_with("surface")
     bus.feed(surface(0.0, np.full((10, 6), 0.5), underlying="ETH"))
-    bad = np.full((10, 6), 0.5)
-    bad[3, 2] = float("nan")
-    bus.feed(surface(1.0, bad))
+    bus.feed(surface(1.0, np.zeros((10, 6))))
+    bus.feed(surface(2.0, np.full((10, 6), float("nan"))))
+    bus.feed(surface(3.0, np.full((10, 5), 0.5), maturities=MATURITIES))  # shape does not match the axes
     assert np.all(engine.vector(at(60)) == 0.0)
 
 

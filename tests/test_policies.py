@@ -229,6 +229,7 @@ def test_act_clips_fills_and_validates_targets() -> None:
     with pytest.raises(ValueError, match="does not trade"):
         act(Wild({"X": 0.5}, ("A",)), {})
     assert clip_exposure(-0.25) == -0.25
+    assert math.copysign(1.0, clip_exposure(-0.0)) == 1.0  # a flat target is +0.0, whatever the sign of zero
 
 
 def test_load_policy_specs() -> None:

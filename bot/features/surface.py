@@ -65,26 +65,38 @@ class SurfaceFeaturesConfig(BaseModel):
 
 
 class SurfaceSnapshot:
-    """One surface with sorted axes, evaluated anywhere by the module's interpolation rule."""
+    """One surface with sorted axes, evaluated anywhere by the module's interpolation rule.
+
+    Nodes that are not a positive finite IV (sources mark a node they could not invert
+    with 0.0 or NaN, typically deep out of the money at short maturities) are skipped:
+    each maturity's smile interpolates its valid nodes, and a maturity with fewer than
+    two valid nodes is dropped.
+    """
 
     def __init__(self, surface: IVSurface) -> None:
         k = np.asarray(surface.log_moneyness, dtype=np.float64)
         t = np.asarray(surface.maturities, dtype=np.float64)
         iv = np.asarray(surface.iv, dtype=np.float64)
-        if iv.shape != (k.size, t.size) or k.size < 1 or t.size < 1:
+        if iv.shape != (k.size, t.size):
             raise ValueError(f"iv shape {iv.shape} does not match axes ({k.size}, {t.size})")
-        if not (np.all(np.isfinite(iv)) and np.all(iv > 0.0) and np.all(t > 0.0) and np.all(np.isfinite(k))):
-            raise ValueError("surface has non-finite or non-positive values")
+        if not (np.all(np.isfinite(k)) and np.all(np.isfinite(t))):
+            raise ValueError("surface axes have non-finite values")
         k_order, t_order = np.argsort(k, kind="stable"), np.argsort(t, kind="stable")
-        self.log_moneyness = k[k_order]
-        self.maturities = t[t_order]
-        self.iv = iv[np.ix_(k_order, t_order)]
+        k, t, iv = k[k_order], t[t_order], iv[np.ix_(k_order, t_order)]
+        valid = np.isfinite(iv) & (iv > 0.0)
+        smiles = [
+            (maturity, k[valid[:, j]], iv[valid[:, j], j])
+            for j, maturity in enumerate(t)
+            if maturity > 0.0 and np.count_nonzero(valid[:, j]) >= 2
+        ]
+        if not smiles:
+            raise ValueError("surface has no maturity with two valid IV nodes")
+        self.maturities = np.array([maturity for maturity, _, _ in smiles])
+        self._smiles = [(nodes, ivs) for _, nodes, ivs in smiles]
 
     def iv_at(self, log_moneyness: np.ndarray, maturity: float) -> np.ndarray:
         """IV at each log-moneyness for one maturity (years)."""
-        smiles = np.stack(
-            [np.interp(log_moneyness, self.log_moneyness, column) for column in self.iv.T], axis=-1
-        )
+        smiles = np.stack([np.interp(log_moneyness, nodes, ivs) for nodes, ivs in self._smiles], axis=-1)
         t = self.maturities
         if maturity <= t[0]:
             return smiles[..., 0]
