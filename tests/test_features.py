@@ -37,6 +37,7 @@ from bot.features.base import (
     register_feature_module,
 )
 from bot.features.engine import FeatureEngine, FeatureEngineConfig, FeatureModuleSpec, build_feature_engine
+from bot.features.history import PriceHistory, VolumeHistory
 from models.grid import LOG_MONEYNESS, MATURITIES
 
 S = 1_000_000_000
@@ -127,6 +128,29 @@ class EmptyConfig(BaseModel):
     """Config of the throwaway modules defined in these tests."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+# --- histories ---------------------------------------------------------------------------------
+
+
+def test_price_history_keeps_the_lookback_after_its_ring_wraps() -> None:
+    history = PriceHistory(5 * S, 60 * S)
+    for second in range(1000):
+        history.add(at(second), float(second))
+    assert len(history) == history.capacity  # wrapped many times
+    instants = np.array([at(1000), at(940), at(1000 - 65), at(0)])
+    # As of t: the last price of the bucket starting before t; the oldest one is long gone.
+    assert history.asof(instants)[:3].tolist() == [999.0, 939.0, 934.0]
+    assert math.isnan(history.asof(instants)[3])
+    assert 60.0 <= history.known_span_s(at(1000)) < 70.0
+
+
+def test_volume_history_sums_the_window_after_its_ring_wraps() -> None:
+    flow = VolumeHistory(5 * S, 60 * S)
+    for second in range(1000):
+        flow.add(at(second), 1.0, 0.5)
+    assert flow.totals(at(1000), 60 * S) == (60.0, 30.0)
+    assert flow.totals(at(1000), 30 * S) == (30.0, 15.0)
 
 
 # --- market module ------------------------------------------------------------------------------

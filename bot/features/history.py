@@ -1,8 +1,8 @@
 """Time-bucketed histories: O(1) per event, read on a regular event-time grid at decision ticks.
 
 Sampling on time buckets (not on "the last N quotes") makes every statistic
-independent of how many updates a venue sends: a feed that quotes ten times a
-second and one that quotes once a minute give the same returns for the same path.
+independent of how many updates a venue sends: two feeds of the same price path,
+one quoting ten times a second and one once per bucket, give the same returns.
 
 Bucket ``k`` covers event time ``[k·B, (k+1)·B)``. A history is read "as of" an
 instant ``t`` from the buckets that start before ``t``; at a decision tick every
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NANOS_PER_SECOND = 1_000_000_000
+from bot.features.base import NANOS_PER_SECOND
 
 
 def _asof_bucket(times_ns: np.ndarray, bucket_ns: int) -> np.ndarray:
