@@ -43,6 +43,7 @@ from bot.logs import MIN_SECRET_LENGTH, register_secret
 from bot.orders import OrderManagerConfig
 from bot.state import StateBuilderConfig
 from bot.store import DEFAULT_URL, async_database_url
+from strategies.trend import TrendPolicyConfig
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
 ENV_PREFIX = "VOLBOT_"
@@ -158,6 +159,7 @@ class Settings(BaseSettings):
     orders: OrderManagerConfig = Field(default_factory=OrderManagerConfig)
     features: FeatureEngineConfig = Field(default_factory=FeatureEngineConfig)
     state: StateBuilderConfig = Field(default_factory=StateBuilderConfig)
+    trend: TrendPolicyConfig = Field(default_factory=TrendPolicyConfig)
     live: LiveConfig = Field(default_factory=LiveConfig)
 
     @classmethod

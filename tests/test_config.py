@@ -16,6 +16,8 @@ from pydantic import BaseModel
 
 from bot.logs import close_logging, configure_logging
 from config.settings import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
+from strategies.base import load_policy
+from strategies.trend import TrendPolicy
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +73,13 @@ def test_file_values_override_defaults_and_keep_the_rest(write_toml: Any) -> Non
         10.0,
     )
     assert settings.run.initial_cash == 100_000.0 and settings.venue.latency_jitter_ms == 20.0
+
+
+def test_policy_section_reaches_the_policy(write_toml: Any) -> None:
+    settings = load_settings(write_toml("[trend]\nhorizons_s = [60, 600]\nvol_target = 0.3\n"))
+    policy = load_policy("trend", settings=settings)
+    assert isinstance(policy, TrendPolicy)
+    assert (policy.config.horizons_s, policy.config.vol_target) == ([60, 600], 0.3)
 
 
 def test_environment_overrides_file_and_cli_overrides_environment(
