@@ -251,9 +251,15 @@ def transition_matrix(generator: np.ndarray, dt: float) -> np.ndarray:
 
 
 def _next_states(cumulative: np.ndarray, states: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """Inverse-CDF draw of the next states from the rows ``cumulative[states]``."""
-    rows = cumulative[states]
-    return np.minimum((uniforms[:, None] >= rows).sum(axis=1), cumulative.shape[1] - 1)
+    """Inverse-CDF draw of the next states from the rows ``cumulative[states]``.
+
+    Loops over the few states rather than reducing along a length-n_states axis, which numpy
+    does slowly.
+    """
+    next_states = np.zeros(states.shape, dtype=np.int64)
+    for column in cumulative[:, :-1].T:
+        next_states += uniforms >= column[states]
+    return next_states
 
 
 class MarkovRegimeChain:
@@ -375,9 +381,10 @@ def simulate_regimes(
             log_s, v = step(log_s, v, regime.params, regime.mu, dt, z[0], z[1], scheme)
         else:
             # Each step's outputs are fresh arrays, so updating disjoint path sets in place is safe.
-            for index in np.unique(row):
-                regime = regimes[index]
+            for index, regime in enumerate(regimes):
                 paths = np.flatnonzero(row == index)
+                if paths.size == 0:
+                    continue
                 log_s[paths], v[paths] = step(
                     log_s[paths], v[paths], regime.params, regime.mu, dt, z[0, paths], z[1, paths], scheme
                 )

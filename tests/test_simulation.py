@@ -186,8 +186,10 @@ _PATHS, _BATCH = 200_000, 25_000
 STEPS_PER_YEAR = 8
 
 
-def _quantlib_call(params: HestonParams, T: float, spot: float = 100.0, strike: float = 100.0) -> float:
-    """Exact Heston price from QuantLib's AnalyticHestonEngine (r = q = 0)."""
+def _quantlib_call(
+    params: HestonParams, T: float, strike: float = 100.0, rate: float = 0.0, spot: float = 100.0
+) -> float:
+    """Exact Heston call price from QuantLib's AnalyticHestonEngine (no dividends)."""
     ql = pytest.importorskip("QuantLib")
     settings = ql.Settings.instance()
     previous = settings.evaluationDate
@@ -195,9 +197,10 @@ def _quantlib_call(params: HestonParams, T: float, spot: float = 100.0, strike: 
     settings.evaluationDate = today
     try:
         day_count = ql.Actual365Fixed()
-        flat = ql.YieldTermStructureHandle(ql.FlatForward(today, 0.0, day_count))
+        discount = ql.YieldTermStructureHandle(ql.FlatForward(today, rate, day_count))
+        dividend = ql.YieldTermStructureHandle(ql.FlatForward(today, 0.0, day_count))
         process = ql.HestonProcess(
-            flat, flat, ql.QuoteHandle(ql.SimpleQuote(spot)), params.v0, params.kappa, params.theta,
+            discount, dividend, ql.QuoteHandle(ql.SimpleQuote(spot)), params.v0, params.kappa, params.theta,
             params.sigma, params.rho,
         )  # fmt: skip
         expiry = today + round(T * 365)
@@ -244,10 +247,19 @@ def test_qe_is_unbiased_and_euler_is_not_on_andersen_cases(case: str) -> None:
     assert abs(euler_bias) - abs(qe_bias) > 3.0 * math.hypot(qe_se, euler_se), report
 
 
-def test_andersen_reference_prices_match_the_paper() -> None:
-    """The exact prices Andersen quotes for cases I and II (13.085, 16.649) pin down the parameters."""
+def test_andersen_reference_prices_match_the_literature() -> None:
+    """Published exact prices pin the case parameters down.
+
+    Cases I and II: Andersen's K = 100 prices (13.085, 16.649), also used by Van Haastrecht &
+    Pelsser (2010). Case III: they price it with r = 5 % (33.597, 18.157, 56.575 at K = 100,
+    140, 60); Andersen's own case III has r = 0, which is what the bias test uses.
+    """
     assert _quantlib_call(*ANDERSEN_CASES["I"]) == pytest.approx(13.085, abs=5e-4)
     assert _quantlib_call(*ANDERSEN_CASES["II"]) == pytest.approx(16.649, abs=5e-4)
+    for strike, price in ((100.0, 33.597), (140.0, 18.157), (60.0, 56.575)):
+        assert _quantlib_call(*ANDERSEN_CASES["III"], strike=strike, rate=0.05) == pytest.approx(
+            price, abs=5e-4
+        )
 
 
 # --- regime switching ----------------------------------------------------------------------
