@@ -13,7 +13,7 @@ with one of two variance schemes:
   so the discrete scheme keeps ``E[S_{t+dt} | S_t] = S_t e^{mu dt}`` exactly. Its bias at a few
   steps per year is small even when the Feller condition fails badly.
 * ``"euler"``: Euler with full truncation (Lord, Koekkoek & van Dijk 2010), the best Euler
-  variant but visibly biased at coarse steps; kept as the reference the QE scheme is judged by.
+  variant but visibly biased at coarse steps; kept as the simple baseline QE is measured against.
 
 Every simulator here is built on :func:`step`, which takes its standard normals from the
 caller so that another component can correlate several assets or stream one step at a time.
