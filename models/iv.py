@@ -524,17 +524,18 @@ def implied_vol(
 def _d1_and_total_vol(
     spot: ArrayLike, strikes: ArrayLike, maturities: ArrayLike, vol: ArrayLike, r: ArrayLike, q: ArrayLike
 ) -> tuple[np.ndarray, ...]:
-    """Broadcast inputs plus d1 and s = σ√T, with the s → 0 limits of d1 (±∞ or 0 at the money)."""
+    """Broadcast inputs plus √T, s = σ√T and d1, with the s → 0 limits of d1 (±∞, or 0 at the money)."""
     spot_, strikes_, maturities_, vol_, r_, q_ = np.broadcast_arrays(
         _as_float(spot), _as_float(strikes), _as_float(maturities), _as_float(vol), _as_float(r), _as_float(q)
     )
     _, _, x = _forward_terms(spot_, strikes_, maturities_, r_, q_)
+    sqrt_t = np.sqrt(np.where(maturities_ >= 0.0, maturities_, np.nan))
     with np.errstate(invalid="ignore", divide="ignore"):
-        s = vol_ * np.sqrt(maturities_)
+        s = vol_ * sqrt_t
         d1 = np.where(s > 0.0, x / s + 0.5 * s, np.where(x == 0.0, 0.0, np.sign(x) * np.inf))
         invalid = (spot_ <= 0.0) | (strikes_ <= 0.0) | (maturities_ < 0.0) | (vol_ < 0.0)
     d1 = np.where(invalid, np.nan, d1)
-    return spot_, strikes_, maturities_, vol_, r_, q_, s, d1
+    return spot_, strikes_, maturities_, r_, q_, sqrt_t, s, d1
 
 
 def bs_vega(
@@ -546,9 +547,9 @@ def bs_vega(
     q: ArrayLike = 0.0,
 ) -> np.ndarray:
     """∂price/∂σ (same for calls and puts), the natural weight turning price errors into vol errors."""
-    spot_, _, maturities_, _, _, q_, _, d1 = _d1_and_total_vol(spot, strikes, maturities, vol, r, q)
+    spot_, _, maturities_, _, q_, sqrt_t, _, d1 = _d1_and_total_vol(spot, strikes, maturities, vol, r, q)
     dividend_discount = np.exp(-q_ * maturities_)
-    return spot_ * dividend_discount * _ONE_OVER_SQRT_TWO_PI * np.exp(-0.5 * d1 * d1) * np.sqrt(maturities_)
+    return spot_ * dividend_discount * _ONE_OVER_SQRT_TWO_PI * np.exp(-0.5 * d1 * d1) * sqrt_t
 
 
 def bs_greeks(
@@ -561,7 +562,9 @@ def bs_greeks(
     call: ArrayLike = True,
 ) -> BSGreeks:
     """Delta, gamma, vega (per unit vol), theta (−∂V/∂T, per year); at zero vol, the intrinsic limits."""
-    spot_, strikes_, maturities_, _, r_, q_, s, d1 = _d1_and_total_vol(spot, strikes, maturities, vol, r, q)
+    spot_, strikes_, maturities_, r_, q_, sqrt_t, s, d1 = _d1_and_total_vol(
+        spot, strikes, maturities, vol, r, q
+    )
     sign = np.where(np.broadcast_to(np.asarray(call, dtype=bool), spot_.shape), 1.0, -1.0)
     d2 = d1 - s
     dividend_discount = np.exp(-q_ * maturities_)
@@ -571,7 +574,7 @@ def bs_greeks(
     with np.errstate(invalid="ignore", divide="ignore"):
         gamma = np.where(s > 0.0, dividend_discount * density / (spot_ * s), 0.0)
         decay = np.where(s > 0.0, spot_ * dividend_discount * density * s / (2.0 * maturities_), 0.0)
-    vega = spot_ * dividend_discount * density * np.sqrt(maturities_)
+    vega = spot_ * dividend_discount * density * sqrt_t
     theta = (
         -decay
         - sign * r_ * strikes_ * discount * ndtr(sign * d2)

@@ -159,6 +159,18 @@ def test_out_of_bounds_inputs_give_nan_without_exceptions_or_warnings() -> None:
     np.testing.assert_allclose(repriced, price[valid], rtol=1e-13)
 
 
+def test_pricing_and_greeks_give_nan_for_invalid_inputs_without_warnings() -> None:
+    spot = [-1.0, np.nan, 100.0, 100.0, 100.0]
+    strikes = [100.0, 100.0, -5.0, 100.0, 100.0]
+    maturities = [1.0, 1.0, 1.0, -1.0, 1.0]
+    vol = [0.2, 0.2, 0.2, 0.2, -0.2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.all(np.isnan(bs_price(spot, strikes, maturities, vol)))
+        assert np.all(np.isnan(bs_vega(spot, strikes, maturities, vol)))
+        assert all(np.all(np.isnan(g)) for g in bs_greeks(spot, strikes, maturities, vol))
+
+
 def test_zero_time_value_gives_zero_vol_and_bad_spot_gives_nan() -> None:
     spot, r, q, t = 100.0, 0.01, 0.0, 1.0
     forward = spot * np.exp((r - q) * t)
