@@ -48,7 +48,8 @@ def test_recovers_synthetic_svi_slices() -> None:
         np.testing.assert_allclose(fitted.params, params, rtol=0.0, atol=1e-8)
 
 
-def test_heston_smiles_are_fitted_within_a_tenth_of_a_vol_point() -> None:
+def _heston_ivs(log_moneyness: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """Heston implied vols (F = 1, r = q = 0) from QuantLib's analytic engine, via OTM options."""
     ql = pytest.importorskip("QuantLib")
     today = ql.Date(2, 1, 2024)
     ql.Settings.instance().evaluationDate = today
@@ -56,28 +57,27 @@ def test_heston_smiles_are_fitted_within_a_tenth_of_a_vol_point() -> None:
     # Crypto-like Heston: 60% spot vol, strong vol of vol, negative spot–vol correlation.
     process = ql.HestonProcess(flat, flat, ql.QuoteHandle(ql.SimpleQuote(1.0)), 0.36, 3.0, 0.42, 1.2, -0.4)
     engine = ql.AnalyticHestonEngine(ql.HestonModel(process))
-    maturities, k, prices, is_call = [], [], [], []
-    for days in grid.TENOR_DAYS:
-        for log_strike in np.linspace(-0.5, 0.6, 23):
-            strike = float(np.exp(log_strike))
-            kind = ql.Option.Call if strike >= 1.0 else ql.Option.Put
-            option = ql.EuropeanOption(
-                ql.PlainVanillaPayoff(kind, strike), ql.EuropeanExercise(today + int(days))
-            )
-            option.setPricingEngine(engine)
-            maturities.append(days / 365.0)
-            k.append(log_strike)
-            prices.append(option.NPV())
-            is_call.append(strike >= 1.0)
-    maturities, k = np.array(maturities), np.array(k)
-    ivs = implied_vol(np.array(prices), 1.0, np.exp(k), maturities, 0.0, 0.0, np.array(is_call))
+    prices = []
+    for k, d in zip(log_moneyness, days, strict=True):
+        strike = float(np.exp(k))
+        kind = ql.Option.Call if strike >= 1.0 else ql.Option.Put
+        option = ql.EuropeanOption(ql.PlainVanillaPayoff(kind, strike), ql.EuropeanExercise(today + int(d)))
+        option.setPricingEngine(engine)
+        prices.append(option.NPV())
+    return implied_vol(np.array(prices), 1.0, np.exp(log_moneyness), days / 365.0, call=log_moneyness >= 0.0)
+
+
+def test_heston_smiles_are_fitted_within_a_tenth_of_a_vol_point() -> None:
+    k, days = (g.ravel() for g in np.meshgrid(np.linspace(-0.5, 0.6, 23), grid.TENOR_DAYS))
+    ivs = _heston_ivs(k, days)
     assert np.all(np.isfinite(ivs))
-    fit = fit_surface(maturities, k, ivs)
+    fit = fit_surface(days / 365.0, k, ivs)
     assert fit.rmse_iv < 1e-3
     assert fit.butterfly_free and fit.calendar_free
-    # The quotes sit on the project grid's tenors, so the resampled grid reproduces Heston there too.
-    on_grid = np.abs(k[:, None] - grid.LOG_MONEYNESS[None, :]).min(axis=1) < 0.03
-    np.testing.assert_allclose(fit.iv(k[on_grid], maturities[on_grid]), ivs[on_grid], atol=1e-3)
+    # Between the quoted strikes the resampled grid still matches Heston (the tenors coincide).
+    grid_k, grid_days = (g.ravel() for g in np.meshgrid(grid.LOG_MONEYNESS, grid.TENOR_DAYS, indexing="ij"))
+    expected = _heston_ivs(grid_k, grid_days).reshape(grid.SHAPE)
+    np.testing.assert_allclose(fit.iv_grid, expected, rtol=0.0, atol=1e-3)
 
 
 def test_butterfly_flag_detects_a_negative_density_and_enforcement_repairs_it() -> None:
@@ -129,6 +129,18 @@ def test_resampling_interpolates_total_variance_in_time_and_holds_vol_beyond_the
         fit.iv_grid, fit.iv(grid.LOG_MONEYNESS[:, None], grid.MATURITIES[None, :]), rtol=1e-15
     )
     assert fit.iv(probe[:, None, None], np.array([0.2, 0.7])[None, :, None]).shape == (7, 2, 1)
+
+
+def test_weights_weight_the_squared_iv_residuals() -> None:
+    """Two quote sets at the same strikes, 4 vol points apart: weights 3:1 put the fit a quarter of the
+    way from the heavier set, equal weights halfway."""
+    maturities, k, ivs = _quotes(TRUE_SLICES[1:2], np.linspace(-0.6, 0.6, 15))
+    both_t, both_k, both_iv = (np.concatenate([a, a]) for a in (maturities, k, ivs))
+    both_iv[k.size :] += 0.04
+    weighted = fit_surface(both_t, both_k, both_iv, weights=np.repeat([3.0, 1.0], k.size))
+    equal = fit_surface(both_t, both_k, both_iv)
+    np.testing.assert_allclose(weighted.slices[0].iv(k), ivs + 0.01, atol=1e-3)
+    np.testing.assert_allclose(equal.slices[0].iv(k), ivs + 0.02, atol=1e-3)
 
 
 def test_groups_a_snapshot_into_expiries_and_ignores_unusable_quotes() -> None:
