@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.optimize import least_squares
 
 from models import grid
 from models.iv import bs_price, implied_vol
@@ -190,7 +191,6 @@ def test_every_fitted_slice_satisfies_the_parameter_constraints(
 # ---------------------------------------------------------------------------------------------
 
 CHAIN = Path("deribit_chains") / "btc_options_snapshot_2020-05-14.csv"
-ONE_WEEK = 7.0 / 365.0
 
 
 class DeribitFit(NamedTuple):
@@ -242,25 +242,51 @@ def deribit_fit(shared_data: Path) -> DeribitFit:
     return DeribitFit(fit, maturities, k, ivs)
 
 
-def test_deribit_chain_is_fitted_within_one_vol_point_from_one_week_out(deribit_fit: DeribitFit) -> None:
+def _one_day(maturities: np.ndarray) -> np.ndarray:
+    return (maturities > 0.5 / 365.0) & (maturities < 2.0 / 365.0)
+
+
+def test_deribit_chain_is_fitted_within_one_vol_point_apart_from_the_one_day_expiry(
+    deribit_fit: DeribitFit,
+) -> None:
     fit, maturities, k, ivs = deribit_fit
     assert len(fit.slices) == 7 and maturities.size > 120
-    weekly_and_longer = maturities >= ONE_WEEK
-    assert weekly_and_longer.sum() > 100
-    error = fit.iv(k[weekly_and_longer], maturities[weekly_and_longer]) - ivs[weekly_and_longer]
+    kept = ~_one_day(maturities)
+    assert kept.sum() > 110
+    error = fit.iv(k[kept], maturities[kept]) - ivs[kept]
     assert np.sqrt(np.mean(error**2)) < 0.01
 
 
-def test_deribit_one_day_smile_is_not_svi_shaped(deribit_fit: DeribitFit) -> None:
-    """Why the sub-week expiries are left out of the 1-vol-point bar: the 1-day quoted total variance is
-    concave in k on its put wing, and every SVI slice is convex in k (w'' = bσ²/((k−m)²+σ²)^{3/2} >= 0),
-    so no SVI slice, arbitrage-free or not, can follow it."""
-    _, maturities, k, ivs = deribit_fit
-    one_day = (maturities > 0.5 / 365.0) & (maturities < 2.0 / 365.0)
-    order = np.argsort(k[one_day])
-    kk, w = k[one_day][order], (ivs[one_day] ** 2 * maturities[one_day])[order]
-    slopes = np.diff(w) / np.diff(kk)
-    assert np.any(np.diff(slopes) < 0.0)
+def test_deribit_one_day_smile_is_beyond_any_svi_slice(deribit_fit: DeribitFit) -> None:
+    """Why the 1-day expiry is left out of the 1-vol-point bar: even raw SVI with every no-arbitrage
+    constraint dropped (only b >= 0, |ρ| <= 1, σ > 0), from many random starts, misses its marks by
+    more than 2 vol points RMS; fit_surface's constrained slice is as good as that relaxed optimum."""
+    fit, maturities, k, ivs = deribit_fit
+    day = _one_day(maturities)
+    kk, iv, t = k[day], ivs[day], float(maturities[day].mean())
+
+    def misfit(params: np.ndarray) -> np.ndarray:
+        a, b, rho, m, sigma = params
+        w = a + b * (rho * (kk - m) + np.sqrt((kk - m) ** 2 + sigma**2))
+        return np.sqrt(np.maximum(w, 1e-12) / t) - iv
+
+    rng = np.random.default_rng(0)
+    lower, upper = [-np.inf, 0.0, -1.0, -np.inf, 1e-6], [np.inf, np.inf, 1.0, np.inf, np.inf]
+    best = min(
+        np.sqrt(np.mean(least_squares(misfit, start, bounds=(lower, upper)).fun ** 2))
+        for start in np.column_stack(
+            [
+                rng.uniform(-0.01, 0.01, 40),
+                rng.uniform(0.0, 0.3, 40),
+                rng.uniform(-0.9, 0.9, 40),
+                rng.uniform(-0.2, 0.2, 40),
+                rng.uniform(0.01, 0.5, 40),
+            ]
+        )
+    )
+    assert best > 0.02
+    one_day_slice = next(s for s in fit.slices if 0.5 / 365.0 < s.maturity < 2.0 / 365.0)
+    assert np.sqrt(np.mean((one_day_slice.iv(kk) - iv) ** 2)) < best + 1e-3
 
 
 def test_deribit_surface_is_arbitrage_free_on_the_project_grid(deribit_fit: DeribitFit) -> None:
