@@ -650,7 +650,7 @@ class BinanceFeed:
         self.config = config
         self.sink = sink
         self.markets = {
-            market: _MarketFeed(market, market_config, config, sink)
+            market: BinanceMarketFeed(market, market_config, config, sink)
             for market, market_config in (("spot", config.spot), ("usdm", config.usdm))
             if market_config.symbols
         }
@@ -662,7 +662,7 @@ class BinanceFeed:
                 group.create_task(feed.run(http), name=f"binance-{feed.market}")
 
 
-class _MarketFeed:
+class BinanceMarketFeed:
     """One market's websocket, books and snapshot fetches."""
 
     def __init__(self, market: Market, config: BinanceMarketConfig, feed: BinanceFeedConfig, sink: EventSink):

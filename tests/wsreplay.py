@@ -186,6 +186,10 @@ class ReplayServer:
             await connection.send(message)
             record.sent += 1
             if record.sent == session.drop_after:
+                # Like a link that dies once the kernel has flushed: everything sent arrives, then the
+                # connection ends without a close frame (so a resumed session loses nothing).
+                while connection.transport.get_write_buffer_size():
+                    await asyncio.sleep(0.001)
                 record.dropped = True
                 connection.transport.abort()
                 return
