@@ -24,20 +24,24 @@ prices are in the underlying coin (BTC for BTC options), as sent.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 import structlog
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from websockets.exceptions import ConnectionClosed
 
-from adapters.connection import MessageError
+from adapters.connection import ConnectionConfig, MessageError, ResilientWebSocket, _Link
 from bot.events import (
     AggressorSide,
     Bar,
@@ -65,6 +69,7 @@ SETTLEMENT_HOUR_UTC = 8
 # Deribit accrues perpetual funding continuously and reports ``funding_8h``, the rate over the
 # trailing 8 h; settling that rate on the 8-hour grid charges the same total at a coarser step.
 FUNDING_INTERVAL_NS = 8 * 3_600 * NANOS_PER_SECOND
+DEFAULT_URL = "wss://www.deribit.com/ws/api/v2"
 _MONTHS = {
     month: number
     for number, month in enumerate(
@@ -238,7 +243,7 @@ def parse_message(raw: str | bytes, ts_recv: int | None = None) -> list[Event]:
 def to_events(envelope: Envelope, ts_recv: int) -> list[Event]:
     """The events of one decoded frame: responses and heartbeats give none."""
     if envelope.is_response:
-        if envelope.id is None:
+        if envelope.id is None and envelope.error is None:
             raise ParseError("frame is neither a notification nor a response")
         return []
     if envelope.method == "heartbeat":
@@ -564,3 +569,221 @@ class SurfaceBuilder:
             fit_rmse=fit.rmse_iv,
             source="deribit-svi",
         )
+
+
+# --- live feed ----------------------------------------------------------------------------------
+
+
+class DeribitFeedConfig(BaseModel):
+    """Where to connect and what to subscribe to; the surface's underlying must be the currency."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = DEFAULT_URL
+    currency: str = "BTC"
+    ticker_interval: Literal["raw", "100ms", "agg2"] = Field(
+        "100ms", description="option ticker channel interval; raw needs an authorised connection"
+    )
+    heartbeat_interval_s: int = Field(
+        30, ge=10, description="Deribit's test_request period (public/set_heartbeat; at least 10 s)"
+    )
+    instruments_refresh_s: float = Field(
+        3_600.0, gt=0, description="how often the option list is fetched again, to subscribe new listings"
+    )
+    connection: ConnectionConfig = Field(default_factory=ConnectionConfig)
+    surface: SurfaceConfig = Field(default_factory=SurfaceConfig)
+
+    @model_validator(mode="after")
+    def _surface_of_the_currency(self) -> DeribitFeedConfig:
+        if self.surface.underlying != self.currency:
+            raise ValueError(
+                f"surface.underlying {self.surface.underlying!r} is not the feed's currency {self.currency!r}"
+            )
+        return self
+
+
+@dataclass
+class DeribitFeedStats:
+    """Counters for status lines and tests; connection-level ones live in ``ResilientWebSocket.stats``."""
+
+    events: int = 0
+    duplicates: int = 0
+    surfaces: int = 0
+    test_requests: int = 0
+    rpc_errors: int = 0
+    subscribed_options: int = 0
+
+
+class _Instrument(_Payload, frozen=True, kw_only=True):
+    instrument_name: str
+    kind: str
+    is_active: bool = True
+
+
+_INSTRUMENTS = msgspec.json.Decoder(list[_Instrument])
+_ENCODER = msgspec.json.Encoder()
+# Requests whose response died with its connection would otherwise be remembered forever.
+_MAX_PENDING_REQUESTS = 1_024
+# Events that supersede the previous one of their instrument: one that is not newer is a duplicate.
+_SNAPSHOT_TYPES = (OptionMark, Quote, MarkPrice, VolatilityIndex)
+
+EventSink = Callable[[Event], None]
+
+
+class _RepliableWebSocket(ResilientWebSocket):
+    """A :class:`ResilientWebSocket` that can also send while connected.
+
+    Deribit needs it: a ``test_request`` must be answered on the connection, and the option list
+    arrives as a response after which the subscription is sent. ``adapters.connection`` has no
+    public send yet, so this keeps the links it opens and sends on the newest one still open
+    (during a planned handover that is the successor, which takes over within the overlap).
+    """
+
+    def __init__(self, name: str, url: str, **kwargs: Any) -> None:
+        super().__init__(name, url, **kwargs)
+        self._open_links: list[_Link] = []
+        self._sending: set[asyncio.Task[None]] = set()
+
+    async def _open(self) -> _Link:
+        link = await super()._open()
+        self._open_links = [*self._live_links(), link]
+        return link
+
+    def _live_links(self) -> list[_Link]:
+        return [link for link in self._open_links if not link.reader.done()]
+
+    def send(self, message: str) -> bool:
+        """Queue ``message`` on the newest open connection; False when none is open (the next
+        connection's subscribe messages then stand in for it)."""
+        self._open_links = self._live_links()
+        if not self._open_links:
+            return False
+        task = asyncio.get_running_loop().create_task(self._send(self._open_links[-1], message))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+        return True
+
+    @staticmethod
+    async def _send(link: _Link, message: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await link.ws.send(message)
+
+
+class DeribitFeed:
+    """Live Deribit option marks, DVOL and SVI surfaces into ``sink`` (an ``InboundQueue.put_nowait``).
+
+    On every (re)connection it sends ``public/set_heartbeat``, one ``public/subscribe`` for DVOL and
+    the option tickers already known, and ``public/get_instruments`` (options of ``currency``, not
+    expired); the response subscribes the options not yet subscribed, again every
+    ``instruments_refresh_s`` so new listings join. Each heartbeat ``test_request`` is answered
+    with ``public/test``. A mark, quote or index value not newer than the last one of its
+    instrument (a frame delivered twice around a reconnect or handover) is dropped. Every
+    OptionMark also feeds the :class:`SurfaceBuilder`, whose surfaces follow their mark into
+    ``sink``; the fit (~50 ms a minute) runs inline, well inside the heartbeat period.
+    Reconnects, the stale timer and FeedStatus come from :class:`ResilientWebSocket`. Run
+    :meth:`run` as a task; cancel it to stop.
+    """
+
+    def __init__(self, config: DeribitFeedConfig, sink: EventSink) -> None:
+        self.config = config
+        self.sink = sink
+        self.surfaces = SurfaceBuilder(config.surface)
+        self.stats = DeribitFeedStats()
+        self.websocket = _RepliableWebSocket(
+            "deribit",
+            config.url,
+            on_message=self.on_message,
+            emit_status=sink,
+            subscribe=self._session_messages,
+            config=config.connection,
+        )
+        self._volatility_channel = f"deribit_volatility_index.{config.currency.lower()}_usd"
+        self._option_channels: set[str] = set()
+        self._latest_ts: dict[tuple[type[Event], str], int] = {}
+        self._requests: OrderedDict[int, str] = OrderedDict()
+        self._request_id = 0
+        self._refresh_ns = round(config.instruments_refresh_s * NANOS_PER_SECOND)
+        self._next_refresh_ns = 0
+        self._log = log.bind(feed=self.websocket.name)
+
+    async def run(self) -> None:
+        await self.websocket.run()
+
+    def _request(self, method: str, params: dict[str, object]) -> str:
+        """A JSON-RPC request, remembered by id so its response can be routed."""
+        self._request_id += 1
+        self._requests[self._request_id] = method
+        while len(self._requests) > _MAX_PENDING_REQUESTS:
+            self._requests.popitem(last=False)
+        message = {"jsonrpc": "2.0", "id": self._request_id, "method": method, "params": params}
+        return _ENCODER.encode(message).decode()
+
+    def _instruments_request(self) -> str:
+        self._next_refresh_ns = time.time_ns() + self._refresh_ns
+        params = {"currency": self.config.currency, "kind": "option", "expired": False}
+        return self._request("public/get_instruments", params)
+
+    def _session_messages(self) -> list[str]:
+        channels = [self._volatility_channel, *sorted(self._option_channels)]
+        return [
+            self._request("public/set_heartbeat", {"interval": self.config.heartbeat_interval_s}),
+            self._request("public/subscribe", {"channels": channels}),
+            self._instruments_request(),
+        ]
+
+    def on_message(self, raw: str | bytes, ts_recv: int) -> None:
+        """Handle one frame: answer probes, route responses, publish events."""
+        envelope = decode_envelope(raw)
+        if envelope.is_test_request:
+            self.stats.test_requests += 1
+            self.websocket.send(self._request("public/test", {}))
+        if envelope.is_response:
+            self._on_response(envelope)
+        else:
+            for event in to_events(envelope, ts_recv):
+                self._publish(event)
+        if ts_recv >= self._next_refresh_ns:
+            self.websocket.send(self._instruments_request())
+
+    def _publish(self, event: Event) -> None:
+        if isinstance(event, _SNAPSHOT_TYPES):
+            key = (type(event), event.instrument)
+            if event.ts_event <= self._latest_ts.get(key, -1):
+                self.stats.duplicates += 1
+                return
+            self._latest_ts[key] = event.ts_event
+        self.stats.events += 1
+        self.sink(event)
+        if isinstance(event, OptionMark):
+            surface = self.surfaces.on_mark(event)
+            if surface is not None:
+                self.stats.surfaces += 1
+                self.sink(surface)
+
+    def _on_response(self, envelope: Envelope) -> None:
+        method = self._requests.pop(envelope.id, None) if isinstance(envelope.id, int) else None
+        if envelope.error is not None:
+            self.stats.rpc_errors += 1
+            self._log.warning(
+                "rpc_error", method=method, code=envelope.error.code, message=envelope.error.message
+            )
+        elif method == "public/get_instruments":
+            self._on_instruments(envelope.result)
+
+    def _on_instruments(self, result: msgspec.Raw) -> None:
+        """Subscribe the listed options not subscribed yet; forget delisted ones for the next session."""
+        try:
+            listed = _INSTRUMENTS.decode(result)
+        except msgspec.DecodeError as exc:
+            raise ParseError(f"invalid get_instruments result: {exc}") from None
+        channels = {
+            f"ticker.{row.instrument_name}.{self.config.ticker_interval}"
+            for row in listed
+            if row.kind == "option" and row.is_active
+        }
+        new = sorted(channels - self._option_channels)
+        self._option_channels = channels
+        self.stats.subscribed_options = len(channels)
+        if new:
+            self._log.info("subscribing_options", new=len(new), listed=len(channels))
+            self.websocket.send(self._request("public/subscribe", {"channels": new}))

@@ -4,17 +4,25 @@ and the live feed over a local JSON-RPC websocket server."""
 from __future__ import annotations
 
 import ast
+import asyncio
 import csv
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
+from wsreplay import Frame as WsFrame
+from wsreplay import ReplayServer, Session
 
+from adapters.connection import BackoffConfig, ConnectionConfig
 from adapters.deribit import (
     NANOS_PER_MILLI,
+    DeribitFeed,
+    DeribitFeedConfig,
     OptionName,
     ParseError,
     SurfaceBuilder,
@@ -25,6 +33,9 @@ from adapters.deribit import (
 from bot.events import (
     AggressorSide,
     Bar,
+    Event,
+    FeedState,
+    FeedStatus,
     IVSurface,
     MarkPrice,
     OptionMark,
@@ -323,6 +334,7 @@ def test_heartbeats_and_responses_give_no_events() -> None:
         '{"jsonrpc":"2.0","method":"heartbeat","params":{"type":"heartbeat"}}',
         '{"jsonrpc":"2.0","id":4,"result":"ok","usIn":1,"usOut":2,"usDiff":1,"testnet":false}',
         '{"jsonrpc":"2.0","id":5,"error":{"code":11050,"message":"bad_request"},"testnet":false}',
+        '{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse_error"}}',
     ):
         assert parse_message(raw, 1) == []
 
@@ -503,3 +515,207 @@ def test_other_underlyings_are_ignored(chain: list[dict]) -> None:
     builder = SurfaceBuilder(SurfaceConfig(underlying="ETH"))
     assert all(builder.on_mark(mark) is None for mark in _chain_marks(chain))
     assert builder.quotes(int(chain[-1]["timestamp"]) * NANOS_PER_MILLI) is None
+
+
+# --- the live feed against a local JSON-RPC websocket server ------------------------------------
+
+TEST_REQUEST = '{"jsonrpc":"2.0","method":"heartbeat","params":{"type":"test_request"}}'
+
+
+def deribit_responder(instruments: list[dict]) -> Callable[[WsFrame], Sequence[WsFrame]]:
+    """Answers requests as Deribit does: acks, the subscribed channels, the recorded option list."""
+
+    def respond(frame: WsFrame) -> list[WsFrame]:
+        request = json.loads(frame)
+        method, params = request["method"], request.get("params", {})
+        if method == "public/set_heartbeat":
+            result: object = "ok"
+        elif method == "public/subscribe":
+            result = params["channels"]
+        elif method == "public/get_instruments":
+            assert params == {"currency": "BTC", "kind": "option", "expired": False}
+            result = [row for row in instruments if row["kind"] == params["kind"]]
+        elif method == "public/test":
+            result = {"version": "1.2.26"}
+        else:
+            error = {"code": -32601, "message": "Method not found"}
+            return [json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": error})]
+        return [json.dumps({"jsonrpc": "2.0", "id": request["id"], "result": result, "testnet": False})]
+
+    return respond
+
+
+def requests_of(frames: Sequence[WsFrame], method: str) -> list[dict]:
+    return [request for frame in frames if (request := json.loads(frame))["method"] == method]
+
+
+def feed_config(url: str, **connection: object) -> DeribitFeedConfig:
+    values: dict[str, object] = {
+        "stale_after_s": 5.0,
+        "max_connection_age_s": None,
+        "ping_interval_s": None,
+        "open_timeout_s": 2.0,
+        "backoff": BackoffConfig(initial_s=0.02, max_s=0.1, seed=3),
+    }
+    values.update(connection)
+    return DeribitFeedConfig(
+        url=url, ticker_interval="raw", connection=ConnectionConfig.model_validate(values)
+    )
+
+
+async def run_feed(feed: DeribitFeed, done: Callable[[], bool], timeout: float = 10.0) -> None:
+    task = asyncio.create_task(feed.run())
+    try:
+        async with asyncio.timeout(timeout):
+            while not done():
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def without_ts_recv(events: Sequence[Event]) -> list[Event]:
+    return [msgspec.structs.replace(event, ts_recv=0) for event in events]
+
+
+async def test_feed_answers_heartbeats_reconnects_resubscribes_and_loses_no_mark(
+    shared_data: Path, received: list[Frame]
+) -> None:
+    instruments = read_instruments(shared_data / INSTRUMENTS, "BTC")
+    btc_options = {row["instrument_name"] for row in instruments if row["kind"] == "option"}
+    tickers = [f.body for f in received if channel_of(f).startswith("ticker.BTC-")]
+    assert len(tickers) == 69
+    dvol = reference(shared_data, "ws_volatility_index.json")
+    cut = 40
+    sessions = [
+        # set_heartbeat, subscribe (DVOL), get_instruments, then the options' subscribe.
+        Session(
+            messages=[TEST_REQUEST, dvol, *tickers[:cut]],
+            await_client_messages=4,
+            pauses={12: 0.6},  # silence: STALE, then RECOVERED with the next ticker
+            drop_after=2 + cut,
+        ),
+        # On a new connection the known options are in the first subscribe, so three messages.
+        # Subscribing sends each channel's current ticker: the last two before the cut come again.
+        Session(messages=tickers[cut - 2 :], await_client_messages=3, garbage={10: ["{truncated"]}),
+    ]
+    sunk: list[Event] = []
+    async with ReplayServer(sessions, respond=deribit_responder(instruments)) as server:
+        feed = DeribitFeed(feed_config(server.url, stale_after_s=0.3), sunk.append)
+        await run_feed(feed, lambda: len([e for e in sunk if isinstance(e, OptionMark)]) == len(tickers))
+        await server.wait_for(lambda s: feed.websocket.stats.parse_errors == 1)
+        first, second = server.connections
+
+    # The probe was answered with public/test on its own connection.
+    assert len(requests_of(first.received, "public/test")) == 1 and feed.stats.test_requests == 1
+    assert requests_of(first.received, "public/set_heartbeat")[0]["params"] == {"interval": 30}
+    # First connection: DVOL, then every listed BTC option once the list came back.
+    subscribes = [
+        request["params"]["channels"] for request in requests_of(first.received, "public/subscribe")
+    ]
+    assert subscribes == [
+        ["deribit_volatility_index.btc_usd"],
+        sorted(f"ticker.{n}.raw" for n in btc_options),
+    ]
+    # Second connection: one subscribe with everything again, nothing left to add after the list.
+    [resubscribe] = [
+        request["params"]["channels"] for request in requests_of(second.received, "public/subscribe")
+    ]
+    assert resubscribe == ["deribit_volatility_index.btc_usd", *subscribes[1]]
+    assert len(requests_of(second.received, "public/get_instruments")) == 1
+    assert first.dropped and second.garbage_sent == 1
+
+    marks = [event for event in sunk if isinstance(event, OptionMark)]
+    expected = [event for body in tickers for event in parse_message(body, 0)]
+    assert without_ts_recv(marks) == expected  # every recorded mark, in order, once
+    assert feed.stats.duplicates == 2
+    dvol_events = [event for event in sunk if isinstance(event, VolatilityIndex)]
+    assert without_ts_recv(dvol_events) == parse_message(dvol, 0)
+    statuses = [event for event in sunk if isinstance(event, FeedStatus)]
+    assert [status.status for status in statuses] == [
+        FeedState.CONNECTED,
+        FeedState.STALE,
+        FeedState.RECOVERED,
+        FeedState.DISCONNECTED,
+        FeedState.CONNECTED,
+    ]
+    assert all(status.feed == "deribit" for status in statuses)
+    assert feed.websocket.stats.reconnects == 1 and feed.stats.rpc_errors == 0
+
+
+async def test_feed_fits_surfaces_from_a_streamed_chain(chain: list[dict]) -> None:
+    instruments = [
+        {"instrument_name": row["instrument_name"], "kind": "option", "is_active": True} for row in chain
+    ]
+    tickers = [chain_ticker(row, "raw") for row in chain]
+    sunk: list[Event] = []
+    session = Session(messages=tickers, await_client_messages=4)
+    async with ReplayServer([session], respond=deribit_responder(instruments)) as server:
+        feed = DeribitFeed(feed_config(server.url), sunk.append)
+        await run_feed(feed, lambda: len([e for e in sunk if isinstance(e, OptionMark)]) == len(chain))
+        assert (
+            len(requests_of(server.connections[0].received, "public/subscribe")[1]["params"]["channels"])
+            == 310
+        )
+
+    surfaces = [event for event in sunk if isinstance(event, IVSurface)]
+    # The same marks replayed through a fresh builder: event time makes the same surfaces.
+    offline = SurfaceBuilder()
+    replayed = [s for mark in _chain_marks(chain) if (s := offline.on_mark(mark)) is not None]
+    assert len(surfaces) == 2 and feed.stats.surfaces == 2
+    assert without_ts_recv(surfaces) == without_ts_recv(replayed)
+    # Each surface comes right after the mark that made it due.
+    for surface in surfaces:
+        before = sunk[sunk.index(surface) - 1]
+        assert isinstance(before, OptionMark) and before.ts_event == surface.ts_event
+        assert surface.ts_recv == before.ts_recv
+    assert all(s.fit_rmse is not None and s.fit_rmse < 0.01 for s in surfaces)
+
+
+async def test_feed_subscribes_new_listings_on_refresh_and_survives_rpc_errors(
+    shared_data: Path, received: list[Frame]
+) -> None:
+    """The option list is fetched again every ``instruments_refresh_s``: a listing that appears in
+    the meantime is subscribed alone on the live connection; a refused request is logged, not fatal."""
+    instruments = read_instruments(shared_data / INSTRUMENTS, "BTC")
+    newcomer = next(row for row in instruments if row["kind"] == "option")
+    answer = deribit_responder(instruments)
+    lists_sent = 0
+
+    def respond(frame: WsFrame) -> Sequence[WsFrame]:
+        nonlocal lists_sent
+        request = json.loads(frame)
+        if request["method"] == "public/set_heartbeat":
+            error = {"code": 10028, "message": "too_many_requests"}
+            return [json.dumps({"jsonrpc": "2.0", "id": request["id"], "error": error})]
+        [reply] = answer(frame)
+        if request["method"] == "public/get_instruments":
+            lists_sent += 1
+            if lists_sent == 1:  # before the listing
+                response = json.loads(reply)
+                response["result"].remove(newcomer)
+                return [json.dumps(response)]
+        return [reply]
+
+    tickers = [f.body for f in received if channel_of(f).startswith("ticker.BTC-")]
+    session = Session(messages=tickers, await_client_messages=4, interval_s=0.01)
+    sunk: list[Event] = []
+    async with ReplayServer([session], respond=respond) as server:
+        config = feed_config(server.url).model_copy(update={"instruments_refresh_s": 0.1})
+        feed = DeribitFeed(config, sunk.append)
+
+        def subscribes() -> list[list[str]]:
+            frames = server.connections[0].received if server.connections else []
+            return [request["params"]["channels"] for request in requests_of(frames, "public/subscribe")]
+
+        await run_feed(feed, lambda: len(subscribes()) == 3 and lists_sent >= 3)
+
+    dvol, listed, added = subscribes()
+    assert dvol == ["deribit_volatility_index.btc_usd"]
+    assert f"ticker.{newcomer['instrument_name']}.raw" not in listed
+    assert added == [f"ticker.{newcomer['instrument_name']}.raw"]
+    assert feed.stats.subscribed_options == len(listed) + 1
+    assert feed.stats.rpc_errors == 1
+    assert feed.websocket.stats.handler_errors == 0 and feed.websocket.stats.parse_errors == 0
