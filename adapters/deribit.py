@@ -549,7 +549,9 @@ class SurfaceBuilder:
             return None
         fit = fit_surface(quotes.maturities, quotes.log_moneyness, quotes.ivs, quotes.weights)
         self.last_fit = fit
-        log.info(
+        # The quotes' own arbitrage shows in the flags rather than being fitted away (models.svi).
+        report = log.info if fit.butterfly_free and fit.calendar_free else log.warning
+        report(
             "surface_fitted",
             underlying=self.config.underlying,
             expiries=quotes.expiries,
