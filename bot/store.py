@@ -34,14 +34,13 @@ from sqlalchemy import (
     delete,
     event,
     func,
-    insert,
     select,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column
 
 from bot.bus import EventBus
 from bot.events import (
@@ -126,6 +125,16 @@ class _RunRow:
     ts: Mapped[int]
 
 
+class _AppendedRow(_RunRow):
+    """A row the recorder appends; ``seq`` numbers the run's rows of its table from 1."""
+
+    seq: Mapped[int]
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple[UniqueConstraint, ...]:
+        return (UniqueConstraint("run_id", "seq"),)
+
+
 class OrderRecord(Base):
     """Latest state of one order; upserted on every change.
 
@@ -156,11 +165,9 @@ class OrderRecord(Base):
     ts_updated: Mapped[int]
 
 
-class FillRecord(_RunRow, Base):
+class FillRecord(_AppendedRow, Base):
     __tablename__ = "fills"
-    __table_args__ = (UniqueConstraint("run_id", "seq"),)
 
-    seq: Mapped[int]
     client_order_id: Mapped[str]
     instrument: Mapped[str]
     side: Mapped[str]
@@ -172,7 +179,7 @@ class FillRecord(_RunRow, Base):
     trade_id: Mapped[str]
 
 
-class EquityRecord(_RunRow, Base):
+class EquityRecord(_AppendedRow, Base):
     """One portfolio snapshot; marked values are NULL when not a number (no mark yet)."""
 
     __tablename__ = "equity"
@@ -186,7 +193,7 @@ class EquityRecord(_RunRow, Base):
     gross_exposure: Mapped[float | None]
 
 
-class RiskEventRecord(_RunRow, Base):
+class RiskEventRecord(_AppendedRow, Base):
     """A risk decision on one intent (``kind="decision"``) or a risk state change (``"state_change"``)."""
 
     __tablename__ = "risk_events"
@@ -202,7 +209,7 @@ class RiskEventRecord(_RunRow, Base):
     drawdown: Mapped[float | None]
 
 
-class PositionRecord(_RunRow, Base):
+class PositionRecord(_AppendedRow, Base):
     """Position history; the latest row per instrument is the current position."""
 
     __tablename__ = "positions"
@@ -214,7 +221,7 @@ class PositionRecord(_RunRow, Base):
     unrealized_pnl: Mapped[float | None]
 
 
-class FundingRecord(_RunRow, Base):
+class FundingRecord(_AppendedRow, Base):
     __tablename__ = "funding"
 
     instrument: Mapped[str]
@@ -421,7 +428,11 @@ class Store:
                 )
             for table in _APPEND_TABLES:
                 if rows.get(table):
-                    await session.execute(insert(table), rows[table])
+                    # A retry of a flush whose commit did land rewrites nothing.
+                    append = self._upsert_insert(table).on_conflict_do_nothing(
+                        index_elements=["run_id", "seq"]
+                    )
+                    await session.execute(append, rows[table])
 
     async def orders(self, run_id: str) -> list[OrderRecord]:
         """The run's orders in creation order."""
@@ -431,25 +442,25 @@ class Store:
         return await self._select(FillRecord, run_id, FillRecord.seq)
 
     async def equity(self, run_id: str) -> list[EquityRecord]:
-        return await self._select(EquityRecord, run_id, EquityRecord.id)
+        return await self._select(EquityRecord, run_id, EquityRecord.seq)
 
     async def risk_events(self, run_id: str) -> list[RiskEventRecord]:
-        return await self._select(RiskEventRecord, run_id, RiskEventRecord.id)
+        return await self._select(RiskEventRecord, run_id, RiskEventRecord.seq)
 
     async def funding(self, run_id: str) -> list[FundingRecord]:
-        return await self._select(FundingRecord, run_id, FundingRecord.id)
+        return await self._select(FundingRecord, run_id, FundingRecord.seq)
 
     async def positions(self, run_id: str) -> dict[str, PositionRecord]:
         """Current position per instrument: the latest row of each."""
         async with self._sessions() as session:
-            latest_ids = (
-                select(func.max(PositionRecord.id))
+            latest = (
+                select(func.max(PositionRecord.seq))
                 .where(PositionRecord.run_id == run_id)
                 .group_by(PositionRecord.instrument)
             )
             rows = await session.scalars(
                 select(PositionRecord)
-                .where(PositionRecord.id.in_(latest_ids))
+                .where(PositionRecord.run_id == run_id, PositionRecord.seq.in_(latest))
                 .order_by(PositionRecord.instrument)
             )
             return {row.instrument: row for row in rows}
@@ -492,7 +503,7 @@ class StoreRecorder:
         # Full rows of orders that may still change, and the ones changed since the last flush.
         self._orders: dict[str, dict[str, Any]] = {}
         self._dirty: dict[str, None] = {}
-        self._fill_seq = 0
+        self._seq: dict[type[Base], int] = dict.fromkeys(_APPEND_TABLES, 0)
         self._flush_lock = asyncio.Lock()
         bus.subscribe(OrderIntent, self.on_order_intent)
         bus.subscribe(RiskDecision, self.on_risk_decision)
@@ -532,9 +543,9 @@ class StoreRecorder:
         self._dirty[intent.client_order_id] = None
 
     def on_risk_decision(self, decision: RiskDecision) -> None:
-        self._rows[RiskEventRecord].append(
+        self._append(
+            RiskEventRecord,
             {
-                "run_id": self.run_id,
                 "ts": decision.ts_event,
                 "kind": "decision",
                 "client_order_id": decision.client_order_id,
@@ -545,7 +556,7 @@ class StoreRecorder:
                 "risk_state": decision.risk_state.value,
                 "previous_state": None,
                 "drawdown": None,
-            }
+            },
         )
         if not decision.approved:
             order = self._order_row(decision.client_order_id, decision.instrument, decision.ts_event)
@@ -554,9 +565,9 @@ class StoreRecorder:
             )
 
     def on_risk_state_changed(self, change: RiskStateChanged) -> None:
-        self._rows[RiskEventRecord].append(
+        self._append(
+            RiskEventRecord,
             {
-                "run_id": self.run_id,
                 "ts": change.ts_event,
                 "kind": "state_change",
                 "client_order_id": None,
@@ -567,7 +578,7 @@ class StoreRecorder:
                 "risk_state": change.current.value,
                 "previous_state": change.previous.value,
                 "drawdown": _number(change.drawdown),
-            }
+            },
         )
 
     def on_order_update(self, update: OrderUpdate) -> None:
@@ -582,12 +593,10 @@ class StoreRecorder:
         )
 
     def on_fill(self, fill: Fill) -> None:
-        self._fill_seq += 1
-        self._rows[FillRecord].append(
+        self._append(
+            FillRecord,
             {
-                "run_id": self.run_id,
                 "ts": fill.ts_event,
-                "seq": self._fill_seq,
                 "client_order_id": fill.client_order_id,
                 "instrument": fill.instrument,
                 "side": fill.side.value,
@@ -597,39 +606,39 @@ class StoreRecorder:
                 "fee_currency": fill.fee_currency,
                 "liquidity": fill.liquidity.value,
                 "trade_id": fill.trade_id,
-            }
+            },
         )
 
     def on_funding(self, payment: FundingPayment) -> None:
-        self._rows[FundingRecord].append(
+        self._append(
+            FundingRecord,
             {
-                "run_id": self.run_id,
                 "ts": payment.ts_event,
                 "instrument": payment.instrument,
                 "rate": payment.funding_rate,
                 "mark": payment.mark_price,
                 "qty": payment.position_qty,
                 "amount": payment.amount,
-            }
+            },
         )
 
     def on_position(self, position: PositionUpdate) -> None:
-        self._rows[PositionRecord].append(
+        self._append(
+            PositionRecord,
             {
-                "run_id": self.run_id,
                 "ts": position.ts_event,
                 "instrument": position.instrument,
                 "qty": position.quantity,
                 "avg_price": _number(position.avg_price),
                 "realized_pnl": position.realized_pnl,
                 "unrealized_pnl": _number(position.unrealized_pnl),
-            }
+            },
         )
 
     def on_snapshot(self, snapshot: PortfolioSnapshot) -> None:
-        self._rows[EquityRecord].append(
+        self._append(
+            EquityRecord,
             {
-                "run_id": self.run_id,
                 "ts": snapshot.ts_event,
                 "equity": _number(snapshot.equity),
                 "cash": snapshot.cash,
@@ -638,8 +647,12 @@ class StoreRecorder:
                 "fees": snapshot.fees,
                 "funding": snapshot.funding,
                 "gross_exposure": _number(snapshot.gross_exposure),
-            }
+            },
         )
+
+    def _append(self, table: type[Base], row: dict[str, Any]) -> None:
+        self._seq[table] += 1
+        self._rows[table].append({"run_id": self.run_id, "seq": self._seq[table], **row})
 
     def _order_row(self, client_order_id: str, instrument: str, ts: int) -> dict[str, Any]:
         """The order's cached row, marked changed; a bare row for an order whose intent this run never saw."""

@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import numpy as np
@@ -391,6 +392,34 @@ async def test_failed_flush_keeps_its_rows_for_the_next_one(store: Store) -> Non
     assert await recorder.flush() == 3
     assert [(f.seq, f.price) for f in await store.fills("run-late")] == [(1, 100.0), (2, 101.0)]
     assert [o.client_order_id for o in await store.orders("run-late")] == ["c1"]
+
+
+async def test_retrying_a_flush_whose_commit_landed_writes_nothing_twice(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await start(store, "run-r")
+    bus = EventBus()
+    recorder = StoreRecorder(bus, store, "run-r")
+    bus.publish(intent("c1", 1))
+    bus.publish(fill("c1", 2, 0.1, 100.0))
+    bus.publish(snapshot(3, 100_000.0))
+    real_write = store.write_rows
+
+    async def write_then_lose_the_answer(*args: Any) -> None:
+        await real_write(*args)
+        raise ConnectionResetError("connection lost after COMMIT")
+
+    monkeypatch.setattr(store, "write_rows", write_then_lose_the_answer)
+    with pytest.raises(ConnectionResetError):
+        await recorder.flush()
+    assert recorder.pending == 3
+    monkeypatch.setattr(store, "write_rows", real_write)
+    bus.publish(fill("c1", 4, 0.2, 101.0))
+    assert await recorder.flush() == 4
+
+    assert [(f.seq, f.price) for f in await store.fills("run-r")] == [(1, 100.0), (2, 101.0)]
+    assert [(e.seq, e.equity) for e in await store.equity("run-r")] == [(1, 100_000.0)]
+    assert len(await store.orders("run-r")) == 1
 
 
 async def test_nan_marks_are_stored_as_null(store: Store) -> None:
