@@ -1,6 +1,7 @@
 # Two entry points for a new user: `make paper` and `make test`.
 PYTHON ?= python3
 STAMP := var/.deps-installed
+TEST_STAMP := var/.test-deps-installed
 
 .PHONY: paper test lint deps
 
@@ -11,12 +12,18 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Headless Chromium renders report.html in a test; Debian's package, where apt is available.
+$(TEST_STAMP): $(STAMP)
+	command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	touch $(TEST_STAMP)
+
 deps: $(STAMP)
 
 paper: $(STAMP)
 	$(PYTHON) main.py --mode paper $(ARGS)
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PYTHON) -m ruff check .
 	$(PYTHON) -m pytest -n 2 -q $(PYTEST_ARGS)
 
