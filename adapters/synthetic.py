@@ -57,6 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bot.events import (
     AggressorSide,
     Event,
+    FeedState,
+    FeedStatus,
     InboundEvent,
     IVSurface,
     MarkPrice,
@@ -455,6 +457,8 @@ class SyntheticMarket:
     # --- stepping ----------------------------------------------------------------------------
 
     def _first_step(self) -> Iterator[InboundEvent]:
+        # announced like any adapter's connection, so paper runs and backtests start identically
+        yield FeedStatus(ts_event=self._ts, ts_recv=self._ts, feed="synthetic", status=FeedState.CONNECTED)
         yield self._label()
         yield from self._emit()
 

@@ -12,7 +12,7 @@ Sources:
   from a flat account with ``run.initial_cash``: a journal of a run that resumed from a
   checkpoint does not hold the state it resumed from;
 - the embedded synthetic market with a seed, for ``days`` of event time from
-  ``market.start_ns``, preceded by the ``FeedStatus`` CONNECTED a paper run sends first.
+  ``market.start_ns``, exactly the stream a paper run on that seed receives.
 
 A second engine on the same events is the **benchmark**: buy-and-hold of the spot instrument
 of the policy's first traded asset at :data:`BENCHMARK_EXPOSURE` of equity. Two deliberate
@@ -47,8 +47,6 @@ from backtest.report import metrics_table, write_report
 from bot.app import Engine, build_engine, new_run_id
 from bot.events import (
     Event,
-    FeedState,
-    FeedStatus,
     Fill,
     OrderIntent,
     OrderStatus,
@@ -422,15 +420,14 @@ def _journal_source(path: Path, settings: Settings, instruments: list[Instrument
 def _synthetic_source(
     settings: Settings, seed: int, days: float, instruments: list[InstrumentSpec] | None
 ) -> _Source:
-    """The synthetic market from ``market.start_ns`` for ``days``, led by the paper feed's CONNECTED."""
+    """The synthetic market from ``market.start_ns`` for ``days``, exactly as a paper run receives it."""
     start = settings.market.start_ns
     end = start + round(days * NANOS_PER_DAY)
     if settings.market.until_ns is not None:
         end = min(end, settings.market.until_ns)
     market = SyntheticMarket(settings.market.model_copy(update={"seed": seed, "until_ns": end}), instruments)
-    connected = FeedStatus(ts_event=start, ts_recv=start, feed="synthetic", status=FeedState.CONNECTED)
     description = {"kind": "synthetic", "seed": seed, "days": days, "start_ns": start}
-    return _Source(chain([connected], market.events()), market.instruments(), description, (start, end))
+    return _Source(market.events(), market.instruments(), description, (start, end))
 
 
 # --- the benchmark --------------------------------------------------------------------------------
