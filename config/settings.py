@@ -41,6 +41,7 @@ from adapters.synthetic import SyntheticMarketConfig
 from bot.features.engine import FeatureEngineConfig
 from bot.logs import MIN_SECRET_LENGTH, register_secret
 from bot.orders import OrderManagerConfig
+from bot.risk import RiskConfig
 from bot.state import StateBuilderConfig
 from bot.store import DEFAULT_URL, async_database_url
 from strategies.trend import TrendPolicyConfig
@@ -157,6 +158,7 @@ class Settings(BaseSettings):
     market: SyntheticMarketConfig = Field(default_factory=SyntheticMarketConfig)
     venue: PaperVenueConfig = Field(default_factory=PaperVenueConfig)
     orders: OrderManagerConfig = Field(default_factory=OrderManagerConfig)
+    risk: RiskConfig = Field(default_factory=RiskConfig)
     features: FeatureEngineConfig = Field(default_factory=FeatureEngineConfig)
     state: StateBuilderConfig = Field(default_factory=StateBuilderConfig)
     trend: TrendPolicyConfig = Field(default_factory=TrendPolicyConfig)
