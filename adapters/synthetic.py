@@ -643,7 +643,8 @@ async def paced(events: Iterable[Event], speed: float | None, stop: asyncio.Even
         if delay > _STOP_POLL_S:
             # Long waits watch the stop event so that a slow replay stops at once.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=delay)
+                async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancel on 3.11
+                    await stop.wait()
             since_yield = 0
         elif delay > 0.0:
             await asyncio.sleep(delay)

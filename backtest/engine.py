@@ -640,6 +640,10 @@ class _Backtest:
 # --- command line ---------------------------------------------------------------------------------
 
 
+# Console width when stdout is not a terminal (a file, a pipe, a test's capture).
+_PIPED_WIDTH = 120
+
+
 def backtest_main(args: argparse.Namespace, overrides: Mapping[str, Mapping[str, Any]]) -> int:
     """``main.py --mode backtest``: replay, print the metrics table, write the report.
 
@@ -674,7 +678,9 @@ def backtest_main(args: argparse.Namespace, overrides: Mapping[str, Mapping[str,
         close_logging()
     report_dir = args.report or Path(settings.run.var_dir) / "reports" / result.name
     write_report(result, report_dir)
-    console = Console()
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # piped or captured: no terminal width to honour, so never squeeze
+        console.width = max(console.width, _PIPED_WIDTH)
     console.print(metrics_table(result))
     console.print(f"report written to {report_dir / 'report.html'}")
     return 0

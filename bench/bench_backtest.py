@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from itertools import chain
 from pathlib import Path
 
 from adapters.synthetic import SyntheticMarket
 from backtest.engine import BacktestError, run_backtest
-from bot.events import FeedState, FeedStatus
 from bot.journal import JournalWriter
 from bot.logs import close_logging, configure_logging
 from config.settings import load_settings
@@ -43,15 +41,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         configure_logging(Path(folder), "bench", level="ERROR", console=False, json_file=False)
         journal = Path(folder) / "bench.jsonl"
-        start = settings.market.start_ns
-        end = start + round(args.days * NANOS_PER_DAY)
+        end = settings.market.start_ns + round(args.days * NANOS_PER_DAY)
         market = SyntheticMarket(settings.market.model_copy(update={"until_ns": end}))
-        connected = FeedStatus(ts_event=start, ts_recv=start, feed="synthetic", status=FeedState.CONNECTED)
         writer = JournalWriter(
             journal, "bench", meta={"mode": "paper", "seed": args.seed, "feed": "synthetic"}
         )
         t0 = time.perf_counter()
-        for event in chain([connected], market.events()):
+        for event in market.events():
             writer.write(event)
         writer.close()
         print(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Iterator
-from itertools import chain, pairwise
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from backtest.engine import (
     run_backtest,
 )
 from bot.app import build_engine
-from bot.events import Event, FeedState, FeedStatus
+from bot.events import Event
 from bot.instruments import InstrumentRegistry
 from bot.journal import JournalWriter
 from config.settings import Settings, load_settings
@@ -42,12 +42,9 @@ def settings_for(seed: int = SEED, **sections: dict[str, object]) -> Settings:
 
 
 def synthetic_events(settings: Settings, days: float) -> Iterator[Event]:
-    """The stream a synthetic backtest replays: the paper feed's CONNECTED, then the market."""
-    start = settings.market.start_ns
-    end = start + round(days * NANOS_PER_DAY)
-    market = SyntheticMarket(settings.market.model_copy(update={"until_ns": end}))
-    connected = FeedStatus(ts_event=start, ts_recv=start, feed="synthetic", status=FeedState.CONNECTED)
-    return chain([connected], market.events())
+    """The stream a synthetic backtest replays: the market's own, led by its CONNECTED status."""
+    end = settings.market.start_ns + round(days * NANOS_PER_DAY)
+    return SyntheticMarket(settings.market.model_copy(update={"until_ns": end})).events()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,614 @@
+"""Training a PPO agent in the trading environment, and judging it against the rule policies.
+
+:func:`train_ppo` trains stable-baselines3's PPO (an MLP on the flattened state) in
+:class:`~backtest.gym_env.TradingEnv` episodes, vectorised over worker processes, with:
+
+- **pinned seeds**: SB3's :func:`set_random_seed` (Python, numpy, torch), the PPO seed,
+  environment ``i`` seeded ``seed + i`` (its episodes draw market seeds and start offsets
+  from that), and each episode's venue seeded with its market seed;
+- **held-out validation**: every ``eval_every_steps`` the deterministic agent plays one
+  episode per validation seed (never a training seed) — or the later window of a journal
+  (walk-forward: train on the earlier part, a gap, validate on the later part) — and the
+  model with the best mean Sharpe is kept at ``out``; the last model goes beside it;
+- **TensorBoard** logs of SB3's losses, episode rewards and each finished training
+  episode's Sharpe, return, drawdown and turnover (``episode/*``), and the validation
+  figures (``validation/*``);
+- **metadata** beside each saved model (:mod:`strategies.ppo`): instruments, action scale,
+  observation schema and its hash, redacted settings, configs and training figures, so
+  ``ppo:PATH`` refuses to run on an engine whose observations mean something else.
+
+:func:`evaluate_policies` is the headline comparison: PPO, buy-and-hold and the trend
+policy through the backtester (:func:`backtest.engine.run_backtest`, the deployment path)
+on held-out synthetic seeds, by Sharpe ratio.
+
+The training world compresses the synthetic market's regime switching
+(:data:`TRAINING_WORLD`): with the default rates a crash comes every three months, so
+episodes of hours would almost never see one. Market settings do not enter the
+observation schema, so the agent runs on any world.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import stable_baselines3
+import structlog
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.utils import set_random_seed
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecMonitor
+
+from backtest.gym_env import EnvConfig, SeedRange, TradingEnv
+from bot.journal import read_events
+from config.settings import Settings, load_settings
+from strategies.base import Policy, load_policy
+from strategies.ppo import (
+    METADATA_FORMAT,
+    METADATA_VERSION,
+    file_sha256,
+    metadata_path,
+    observation_schema,
+    schema_hash,
+)
+
+NANOS_PER_SECOND = 1_000_000_000
+# Bull spells of ~12 h and crashes of ~6 h on average (rates per year of leaving each regime).
+TRAINING_WORLD: dict[str, Any] = {"switch_intensity_per_year": [730.0, 1460.0]}
+# The headline's seeds: never in a training or validation pool (TrainConfig checks).
+TEST_SEEDS = SeedRange(start=900_000, count=20)
+
+
+class PPOConfig(BaseModel):
+    """PPO hyperparameters (SB3 names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(3e-4, gt=0)
+    n_steps: int = Field(720, ge=8, description="steps per environment between updates")
+    batch_size: int = Field(240, ge=2)
+    n_epochs: int = Field(10, ge=1)
+    gamma: float = Field(0.99, gt=0, le=1, description="0.99: a horizon of ~100 decisions")
+    gae_lambda: float = Field(0.95, gt=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    ent_coef: float = Field(0.0, ge=0)
+    vf_coef: float = Field(0.5, gt=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    net_arch: list[int] = Field(default_factory=lambda: [64, 64], min_length=1)
+    log_std_init: float = Field(
+        -1.5, description="initial log std of the actions: exploring by churning positions costs fees"
+    )
+
+
+class WalkForwardConfig(BaseModel):
+    """How a journal is split: the earlier ``train_fraction`` to train on, a gap, the rest to validate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_fraction: float = Field(0.7, gt=0, lt=1)
+    gap_s: float = Field(3600.0, ge=0, description="event time left out between the two windows")
+
+
+def default_training_env() -> EnvConfig:
+    """6-hour episodes after a 1-hour warm-up, ±0.2 of equity per instrument, starts spread over 30 min."""
+    return EnvConfig(episode_decisions=360, warmup_decisions=60, max_exposure=0.2, max_start_offset_s=1800.0)
+
+
+class TrainConfig(BaseModel):
+    """One training run: budget, seeds, data, validation, outputs and PPO's hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timesteps: int = Field(
+        90_000, ge=1, description="agent decisions to train on, over all environments (~30 min on 2 cores)"
+    )
+    seed: int = Field(0, ge=0, description="seed of torch, SB3, PPO and the environments' episode draws")
+    n_envs: int = Field(2, ge=1, description="environments, each in its own process when more than one")
+    env: EnvConfig = Field(default_factory=default_training_env)
+    world: dict[str, Any] = Field(
+        default_factory=lambda: dict(TRAINING_WORLD), description="overrides of the market settings"
+    )
+    validation_seeds: SeedRange = Field(default_factory=lambda: SeedRange(start=500_000, count=4))
+    eval_every_steps: int = Field(30_000, ge=1)
+    events: Path | None = Field(None, description="train on this journal (walk-forward) instead of synthetic")
+    walk_forward: WalkForwardConfig = Field(default_factory=WalkForwardConfig)
+    out: Path = Field(Path("var/models/ppo.zip"), description="the best model; metadata beside it")
+    tensorboard: bool = True
+    progress_bar: bool = True
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+
+    @model_validator(mode="after")
+    def _checks(self) -> TrainConfig:
+        if self.out.suffix != ".zip":
+            raise ValueError(f"out must name a .zip file, got {self.out}")
+        pools = {
+            "training": self.env.market_seeds,
+            "validation": self.validation_seeds,
+            "test": TEST_SEEDS,
+        }
+        names = list(pools)
+        for i, first in enumerate(names):
+            for second in names[i + 1 :]:
+                if pools[first].overlaps(pools[second]):
+                    raise ValueError(f"the {first} and {second} seed pools overlap")
+        return self
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """The deterministic agent's episodes on held-out data."""
+
+    sharpe: list[float]
+    total_return: list[float]
+    reward: list[float]
+
+    @property
+    def mean_sharpe(self) -> float:
+        return statistics.fmean(sharpe_or_zero(s) for s in self.sharpe)
+
+
+def sharpe_or_zero(sharpe: float) -> float:
+    """A run whose equity never moved has no Sharpe ratio; it counts as 0 in means and comparisons."""
+    return sharpe if math.isfinite(sharpe) else 0.0
+
+
+def quiet_logging(level: int = logging.ERROR) -> None:
+    """Replays log every order and risk verdict: in training only errors are worth the time."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level))
+
+
+# --- environments ---------------------------------------------------------------------------------
+
+
+def training_settings(settings: Settings, config: TrainConfig) -> Settings:
+    """``settings`` in the training world, with the environment's decision interval."""
+    market = settings.market.model_copy(update=config.world)
+    market = type(market).model_validate(market.model_dump())
+    run = settings.run
+    if config.env.decision_interval_s is not None:
+        run = run.model_copy(update={"decision_interval_s": config.env.decision_interval_s})
+    return settings.model_copy(update={"market": market, "run": run})
+
+
+def walk_forward_windows(journal: Path, config: WalkForwardConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(train, validation) windows of event time: the earlier part, a gap, the later part."""
+    first = last = None
+    for event in read_events(journal):
+        first = event.ts_recv if first is None else first
+        last = event.ts_recv
+    if first is None or last is None or last <= first:
+        raise ValueError(f"journal {journal} has no span of events to split")
+    split = first + int((last - first) * config.train_fraction)
+    validation_start = split + round(config.gap_s * NANOS_PER_SECOND)
+    if validation_start >= last:
+        raise ValueError(
+            f"journal {journal} is too short for a {config.gap_s} s gap after the training window"
+        )
+    return (first, split), (validation_start, last)
+
+
+def _env_factory(settings: Settings, env_config: EnvConfig, in_subprocess: bool) -> Callable[[], gym.Env]:
+    def make() -> gym.Env:
+        if in_subprocess:
+            torch.set_num_threads(1)
+            quiet_logging()
+        return TradingEnv(settings, env_config)
+
+    return make
+
+
+def make_vec_env(settings: Settings, env_config: EnvConfig, n_envs: int) -> VecEnv:
+    """``n_envs`` environments: in worker processes (one torch thread each) when more than one."""
+    if n_envs == 1:
+        return VecMonitor(DummyVecEnv([_env_factory(settings, env_config, in_subprocess=False)]))
+    factories = [_env_factory(settings, env_config, in_subprocess=True) for _ in range(n_envs)]
+    return VecMonitor(SubprocVecEnv(factories))
+
+
+def _validation_setup(settings: Settings, config: TrainConfig) -> tuple[EnvConfig, EnvConfig, list[dict]]:
+    """Training and validation environment configs, and the reset options of the validation episodes."""
+    if config.events is None:
+        episodes = [{"market_seed": s, "start_offset_s": 0.0} for s in config.validation_seeds.seeds()]
+        return config.env, config.env, episodes
+    (train_start, train_end), (valid_start, valid_end) = walk_forward_windows(
+        config.events, config.walk_forward
+    )
+    train_env = config.env.model_copy(
+        update={
+            "journal": config.events,
+            "window_start_ns": train_start,
+            "window_end_ns": train_end,
+            "max_start_offset_s": (train_end - train_start) / NANOS_PER_SECOND,
+        }
+    )
+    valid_env = config.env.model_copy(
+        update={
+            "journal": config.events,
+            "window_start_ns": valid_start,
+            "window_end_ns": valid_end,
+            "max_start_offset_s": 0.0,
+            "episode_decisions": 10**9,  # the whole window: the data ends it
+        }
+    )
+    return train_env, valid_env, [{"start_offset_s": 0.0}]
+
+
+def validate(model: PPO, env: TradingEnv, episodes: Sequence[dict[str, Any]]) -> ValidationResult:
+    """Play one deterministic episode per reset-options dict; Sharpe, return and reward of each."""
+    sharpe, returns, rewards = [], [], []
+    for options in episodes:
+        observation, _ = env.reset(options=dict(options))
+        total, done, info = 0.0, False, {}
+        while not done:
+            action, _ = model.predict(observation, deterministic=True)
+            observation, reward, terminated, truncated, info = env.step(action)
+            total += float(reward)
+            done = terminated or truncated
+        sharpe.append(info["episode_metrics"]["sharpe"])
+        returns.append(info["episode_metrics"]["total_return"])
+        rewards.append(total)
+    return ValidationResult(sharpe, returns, rewards)
+
+
+# --- callbacks ------------------------------------------------------------------------------------
+
+
+class EpisodeMetricsCallback(BaseCallback):
+    """Logs each finished training episode's financial figures to TensorBoard (means per rollout)."""
+
+    KEYS = ("sharpe", "total_return", "max_drawdown", "turnover", "fees", "exposure_time")
+
+    def _on_step(self) -> bool:
+        for info in self.locals["infos"]:
+            metrics = info.get("episode_metrics")
+            if metrics is None:
+                continue
+            for key in self.KEYS:
+                value = metrics[key]
+                if math.isfinite(value):
+                    self.logger.record_mean(f"episode/{key}", value)
+            self.logger.record_mean(f"episode/ended_{info['end_reason']}", 1.0)
+        return True
+
+
+class ValidationCallback(BaseCallback):
+    """Every ``every_steps``, and at the end, validates the agent and keeps the best model."""
+
+    def __init__(
+        self,
+        run_validation: Callable[[PPO], ValidationResult],
+        save_best: Callable[[PPO, ValidationResult], None],
+        every_steps: int,
+    ) -> None:
+        super().__init__()
+        self.run_validation = run_validation
+        self.save_best = save_best
+        self.every_steps = every_steps
+        self.best: ValidationResult | None = None
+        self.latest: ValidationResult | None = None
+        self.history: list[tuple[int, float]] = []
+        self._last = 0
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps - self._last >= self.every_steps:
+            self._validate()
+        return True
+
+    def _on_training_end(self) -> None:
+        if self._last != self.num_timesteps:
+            self._validate()
+
+    def _validate(self) -> None:
+        self._last = self.num_timesteps
+        result = self.latest = self.run_validation(self.model)
+        self.history.append((self.num_timesteps, result.mean_sharpe))
+        self.logger.record("validation/sharpe_mean", result.mean_sharpe)
+        self.logger.record("validation/return_mean", statistics.fmean(result.total_return))
+        self.logger.record("validation/reward_mean", statistics.fmean(result.reward))
+        self.logger.dump(self.num_timesteps)
+        if self.best is None or result.mean_sharpe > self.best.mean_sharpe:
+            self.best = result
+            self.save_best(self.model, result)
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+
+def save_model(
+    model: PPO,
+    path: Path,
+    *,
+    settings: Settings,
+    env_config: EnvConfig,
+    instruments: Sequence[str],
+    train_config: TrainConfig | None = None,
+    training: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``path`` (the model) and its metadata JSON beside it; returns ``path``.
+
+    ``train_config`` and ``training`` (figures of the run) are recorded when the model
+    comes from :func:`train_ppo`.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(path)
+    schema = observation_schema(settings)
+    metadata = {
+        "format": METADATA_FORMAT,
+        "version": METADATA_VERSION,
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "algorithm": "PPO",
+        "stable_baselines3": stable_baselines3.__version__,
+        "torch": torch.__version__,
+        "model_sha256": file_sha256(path),
+        "instruments": list(instruments),
+        "max_exposure": env_config.max_exposure,
+        "flatten": env_config.flatten,
+        "observation_schema": schema,
+        "observation_schema_hash": schema_hash(schema),
+        "feature_schema_hash": schema["feature_schema_hash"],
+        "settings": settings.redacted_dict(),
+        "env": env_config.model_dump(mode="json"),
+        "train": None if train_config is None else train_config.model_dump(mode="json"),
+        "training": training,
+    }
+    metadata_path(path).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def last_model_path(out: Path) -> Path:
+    """Where the final model of a run goes, beside the best one."""
+    return out.with_name(f"{out.stem}-last.zip")
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def train_ppo(settings: Settings, config: TrainConfig) -> Path:
+    """Train PPO as configured; returns the path of the best model by validation Sharpe (see module)."""
+    started = time.perf_counter()
+    settings = training_settings(settings, config)
+    train_env_config, valid_env_config, validation_episodes = _validation_setup(settings, config)
+    set_random_seed(config.seed)
+    torch.set_num_threads(1)
+    vec_env = make_vec_env(settings, train_env_config, config.n_envs)
+    validation_env = TradingEnv(settings, valid_env_config)
+    instruments = validation_env.instruments
+    hyper = config.ppo
+    tensorboard_dir = config.out.parent / "tensorboard" if config.tensorboard else None
+    model = PPO(
+        "MlpPolicy",
+        vec_env,
+        learning_rate=hyper.learning_rate,
+        n_steps=hyper.n_steps,
+        batch_size=hyper.batch_size,
+        n_epochs=hyper.n_epochs,
+        gamma=hyper.gamma,
+        gae_lambda=hyper.gae_lambda,
+        clip_range=hyper.clip_range,
+        ent_coef=hyper.ent_coef,
+        vf_coef=hyper.vf_coef,
+        max_grad_norm=hyper.max_grad_norm,
+        policy_kwargs={"net_arch": list(hyper.net_arch), "log_std_init": hyper.log_std_init},
+        tensorboard_log=str(tensorboard_dir) if tensorboard_dir is not None else None,
+        seed=config.seed,
+        device="cpu",
+        verbose=0,
+    )
+
+    def save(model: PPO, path: Path, result: ValidationResult | None) -> None:
+        training = {
+            "timesteps": int(model.num_timesteps),
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            "validation_sharpe": None if result is None else result.sharpe,
+            "validation_sharpe_mean": None if result is None else result.mean_sharpe,
+            "validation_return": None if result is None else result.total_return,
+            "validation_history": [{"timesteps": t, "sharpe_mean": s} for t, s in validation.history],
+        }
+        save_model(
+            model,
+            path,
+            settings=settings,
+            env_config=train_env_config,
+            instruments=instruments,
+            train_config=config,
+            training=training,
+        )
+
+    validation = ValidationCallback(
+        lambda m: validate(m, validation_env, validation_episodes),
+        lambda m, result: save(m, config.out, result),
+        config.eval_every_steps,
+    )
+    try:
+        model.learn(
+            total_timesteps=config.timesteps,
+            callback=CallbackList([EpisodeMetricsCallback(), validation]),
+            tb_log_name="ppo",
+            progress_bar=config.progress_bar,
+        )
+        save(model, last_model_path(config.out), validation.latest)
+    finally:
+        vec_env.close()
+        validation_env.close()
+    return config.out
+
+
+def train_main(
+    settings: Settings,
+    *,
+    timesteps: int,
+    out: Path,
+    model: str = "ppo",
+    events: Path | None = None,
+    synthetic_seed: int | None = None,
+) -> int:
+    """``main.py --mode train``: train and print where the model went; returns the exit status.
+
+    ``synthetic_seed`` (default ``run.seed``) seeds the run — torch, SB3, PPO and the draws
+    of training episodes; ``events`` trains on a journal with a walk-forward split instead of
+    the synthetic market. Raises ValueError with a one-line message on bad arguments.
+    """
+    if model != "ppo":
+        raise ValueError(f"unknown model {model!r} (known: ppo)")
+    if events is not None and synthetic_seed is not None:
+        raise ValueError("give either --events PATH or --synthetic-seed N, not both")
+    quiet_logging()
+    seed = settings.run.seed if synthetic_seed is None else synthetic_seed
+    config = TrainConfig(timesteps=timesteps, out=out, events=events, seed=seed)
+    started = time.perf_counter()
+    best = train_ppo(settings, config)
+    metadata = json.loads(metadata_path(best).read_text())
+    print(f"trained {timesteps:,} steps in {time.perf_counter() - started:,.0f} s")
+    print(f"best model: {best} (validation Sharpe {metadata['training']['validation_sharpe_mean']:.2f})")
+    print(f"last model: {last_model_path(best)}; run it with --policy ppo:{best}")
+    return 0
+
+
+# --- the headline comparison ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyComparison:
+    """Sharpe ratio of each policy on each held-out seed (undefined Sharpe counted as 0)."""
+
+    seeds: list[int]
+    sharpe: dict[str, list[float]]
+    days: float
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {
+            name: {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else math.nan,
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+            for name, values in self.sharpe.items()
+        }
+
+    def wins(self, name: str = "ppo") -> int:
+        """Seeds on which ``name`` has a strictly higher Sharpe than every other policy."""
+        others = [other for other in self.sharpe if other != name]
+        return sum(
+            all(self.sharpe[name][i] > self.sharpe[other][i] for other in others)
+            for i in range(len(self.seeds))
+        )
+
+    def lines(self) -> list[str]:
+        rows = [f"Sharpe on {len(self.seeds)} held-out seeds, {self.days:g} days each:"]
+        for name, stats in self.summary().items():
+            rows.append(
+                f"  {name:<6} mean {stats['mean']:+7.2f}  std {stats['std']:6.2f}  "
+                f"median {stats['median']:+7.2f}  range [{stats['min']:+.2f}, {stats['max']:+.2f}]"
+            )
+        for name in self.sharpe:
+            rows.append(f"  {name} best of all on {self.wins(name)}/{len(self.seeds)} seeds")
+        return rows
+
+
+def _evaluate_seed(task: tuple[Settings, str, int, float]) -> dict[str, float]:
+    """Sharpe of PPO, buy-and-hold (the backtester's benchmark) and trend on one seed."""
+    from backtest.engine import run_backtest
+
+    settings, model_spec, seed, days = task
+    torch.set_num_threads(1)
+    quiet_logging()
+    policies: dict[str, Policy] = {
+        "ppo": load_policy(model_spec, settings=settings),
+        "trend": load_policy("trend", settings=settings),
+    }
+    scores: dict[str, float] = {}
+    for name, policy in policies.items():
+        result = run_backtest(settings, synthetic_seed=seed, days=days, policy=policy, progress=False)
+        scores[name] = sharpe_or_zero(result.metrics.sharpe)
+        scores.setdefault("hold", sharpe_or_zero(result.benchmark_metrics.sharpe))
+    return scores
+
+
+def evaluate_policies(
+    settings: Settings,
+    model_path: Path,
+    seeds: Sequence[int] = TEST_SEEDS.seeds(),
+    days: float = 0.5,
+    workers: int = 2,
+    world: dict[str, Any] | None = None,
+) -> PolicyComparison:
+    """PPO (``ppo:model_path``) vs buy-and-hold vs trend, by Sharpe, through the backtester on each seed.
+
+    Each seed replays ``days`` of the synthetic market in ``world`` (default: the training
+    world) from its start, venue seeded like the market; the PPO policy is loaded through the
+    policy registry with its schema check, exactly as a paper or live run would load it.
+    """
+    market = settings.market.model_copy(update=TRAINING_WORLD if world is None else world)
+    settings = settings.model_copy(update={"market": type(market).model_validate(market.model_dump())})
+    tasks = [
+        (
+            settings.model_copy(update={"venue": settings.venue.model_copy(update={"seed": seed})}),
+            f"ppo:{model_path}",
+            seed,
+            days,
+        )
+        for seed in seeds
+    ]
+    if workers > 1:
+        with multiprocessing.get_context("forkserver").Pool(workers) as pool:
+            scores = pool.map(_evaluate_seed, tasks)
+    else:
+        scores = [_evaluate_seed(task) for task in tasks]
+    names = ("ppo", "hold", "trend")
+    return PolicyComparison(list(seeds), {name: [score[name] for score in scores] for name in names}, days)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m backtest.train {train,evaluate}``: the training run and the headline comparison."""
+    parser = argparse.ArgumentParser(prog="python -m backtest.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, help="TOML settings file (default: config/default.toml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train PPO")
+    train.add_argument("--timesteps", type=int, default=TrainConfig.model_fields["timesteps"].default)
+    train.add_argument("--out", type=Path, default=TrainConfig.model_fields["out"].default)
+    train.add_argument("--events", type=Path)
+    train.add_argument("--synthetic-seed", type=int)
+    evaluate = commands.add_parser("evaluate", help="PPO vs buy-and-hold vs trend on held-out seeds")
+    evaluate.add_argument("--model", type=Path, required=True)
+    evaluate.add_argument("--seeds", type=int, default=TEST_SEEDS.count, help="first N test seeds")
+    evaluate.add_argument("--days", type=float, default=0.5)
+    evaluate.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    settings = load_settings(args.config)
+    if args.command == "train":
+        return train_main(
+            settings,
+            timesteps=args.timesteps,
+            out=args.out,
+            events=args.events,
+            synthetic_seed=args.synthetic_seed,
+        )
+    quiet_logging()
+    started = time.perf_counter()
+    comparison = evaluate_policies(
+        settings, args.model, TEST_SEEDS.seeds()[: args.seeds], days=args.days, workers=args.workers
+    )
+    for line in comparison.lines():
+        print(line)
+    print(f"per seed: {json.dumps({'seeds': comparison.seeds, **comparison.sharpe})}")
+    print(f"evaluated in {time.perf_counter() - started:,.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

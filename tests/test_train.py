@@ -1,0 +1,237 @@
+"""Training: a tiny PPO run saves a model and metadata that load as ``ppo:PATH``, or are refused."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+import torch
+from pydantic import ValidationError
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from adapters.synthetic import SyntheticMarket
+from backtest.engine import run_backtest
+from backtest.gym_env import EnvConfig, SeedRange, TradingEnv
+from backtest.train import (
+    PolicyComparison,
+    PPOConfig,
+    TrainConfig,
+    WalkForwardConfig,
+    evaluate_policies,
+    last_model_path,
+    quiet_logging,
+    train_main,
+    train_ppo,
+    walk_forward_windows,
+)
+from bot.journal import JournalWriter
+from config.settings import Settings, load_settings
+from strategies.base import load_policy
+from strategies.ppo import ModelSchemaError, PPOPolicy, metadata_path, observation_schema, schema_hash
+
+MINUTE_NS = 60 * 1_000_000_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def quiet_engine_logs() -> Iterator[None]:
+    """Replays log every order: keep errors only, then restore whatever logging was configured."""
+    saved = structlog.get_config()
+    quiet_logging()
+    yield
+    structlog.configure(**saved)
+
+
+def tiny_config(out: Path, **changes: object) -> TrainConfig:
+    """Four 8-decision episodes, one update, one validation seed: seconds, not minutes."""
+    config = TrainConfig(
+        timesteps=32,
+        n_envs=1,
+        env=EnvConfig(episode_decisions=8, warmup_decisions=2, max_exposure=0.2),
+        validation_seeds=SeedRange(start=500_000, count=1),
+        eval_every_steps=16,
+        out=out,
+        progress_bar=False,
+        ppo=PPOConfig(n_steps=16, batch_size=16, n_epochs=1, net_arch=[16]),
+    )
+    return config.model_copy(update=changes)
+
+
+@pytest.fixture(scope="module")
+def settings() -> Settings:
+    return load_settings()
+
+
+@pytest.fixture(scope="module")
+def trained(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_ppo(settings, tiny_config(tmp_path_factory.mktemp("run") / "ppo.zip"))
+
+
+def test_training_saves_best_and_last_models_with_metadata(settings: Settings, trained: Path) -> None:
+    assert trained.is_file() and last_model_path(trained).is_file()
+    metadata = json.loads(metadata_path(trained).read_text())
+    assert metadata["instruments"] == [spec.instrument for spec in settings.trend.instruments]
+    assert metadata["max_exposure"] == 0.2 and metadata["flatten"] is True
+    schema = observation_schema(settings)
+    assert metadata["observation_schema"] == schema
+    assert metadata["observation_schema_hash"] == schema_hash(schema)
+    assert metadata["feature_schema_hash"] == schema["feature_schema_hash"]
+    assert metadata["observation_schema"]["window"] == settings.state.window
+    assert metadata["settings"]["market"]["switch_intensity_per_year"] == [730.0, 1460.0]
+    assert "password" not in json.dumps(metadata["settings"]["store"])
+    assert len(metadata["training"]["validation_sharpe"]) == 1
+    assert metadata["train"]["seed"] == 0 and metadata["training"]["timesteps"] in (16, 32)
+
+
+def test_tensorboard_has_financial_episode_metrics_and_validation(trained: Path) -> None:
+    runs = sorted((trained.parent / "tensorboard").glob("ppo_*"))
+    assert runs, "no TensorBoard run written"
+    accumulator = EventAccumulator(str(runs[-1]))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"episode/sharpe", "episode/max_drawdown", "episode/turnover"} <= tags
+    assert {"validation/sharpe_mean", "rollout/ep_rew_mean", "train/value_loss"} <= tags
+
+
+def test_trained_model_loads_as_a_policy_and_acts_deterministically(
+    settings: Settings, trained: Path
+) -> None:
+    policy = load_policy(f"ppo:{trained}", settings=settings)
+    assert isinstance(policy, PPOPolicy)
+    env = TradingEnv(settings, EnvConfig(episode_decisions=2, warmup_decisions=2))
+    env.reset(seed=0)
+    first, again = policy.act(env.observation), policy.act(env.observation)
+    assert first == again
+    assert list(first) == list(policy.instruments)
+    assert all(-0.2 <= target <= 0.2 for target in first.values())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"state": {"window": 8}}, "window 16 → 8"),
+        ({"run": {"decision_interval_s": 30.0}}, "decision_interval_s 60.0 → 30.0"),
+        (
+            {"features": {"modules": [{"name": "market", "params": {}}, {"name": "surface", "params": {}}]}},
+            "feature_schema_hash",
+        ),
+    ],
+)
+def test_a_model_from_another_observation_schema_is_refused(
+    trained: Path, overrides: dict, named: str
+) -> None:
+    other = load_settings(overrides=overrides)
+    with pytest.raises(ModelSchemaError) as refused:
+        load_policy(f"ppo:{trained}", settings=other)
+    message = str(refused.value)
+    assert "\n" not in message and named in message and "retrain" in message
+
+
+def test_a_replaced_model_file_is_refused(settings: Settings, trained: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "ppo.zip"
+    copy.write_bytes(last_model_path(trained).read_bytes())  # another model under the best one's metadata
+    metadata_path(copy).write_text(metadata_path(trained).read_text())
+    with pytest.raises(ModelSchemaError, match="sha256"):
+        load_policy(f"ppo:{copy}", settings=settings)
+    with pytest.raises(ModelSchemaError, match="not found"):
+        load_policy(f"ppo:{tmp_path / 'missing.zip'}", settings=settings)
+
+
+def test_same_seed_trains_the_same_model(settings: Settings, tmp_path: Path) -> None:
+    def parameters(name: str) -> dict[str, torch.Tensor]:
+        path = train_ppo(settings, tiny_config(tmp_path / name / "ppo.zip", tensorboard=False))
+        policy = load_policy(f"ppo:{last_model_path(path)}", settings=settings)
+        assert isinstance(policy, PPOPolicy)
+        return policy.model.policy.state_dict()
+
+    first, second = parameters("a"), parameters("b")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_seed_pools_must_be_disjoint(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="validation and test"):
+        TrainConfig(validation_seeds=SeedRange(start=900_010, count=5))
+    with pytest.raises(ValidationError, match="training and validation"):
+        TrainConfig(validation_seeds=SeedRange(start=1_500, count=5))
+    with pytest.raises(ValidationError, match=r"\.zip"):
+        TrainConfig(out=tmp_path / "model.pt")
+
+
+def write_journal(settings: Settings, path: Path, minutes: int) -> None:
+    writer = JournalWriter(path, "test-run", meta={"feed": "synthetic"})
+    start = settings.market.start_ns
+    for event in SyntheticMarket(settings.market.model_copy(update={"seed": 8})).events():
+        if event.ts_recv > start + minutes * MINUTE_NS:
+            break
+        writer.write(event)
+    writer.close()
+
+
+def test_walk_forward_trains_on_the_earlier_window_and_validates_on_the_later(
+    settings: Settings, tmp_path: Path
+) -> None:
+    journal = tmp_path / "run.jsonl"
+    write_journal(settings, journal, minutes=60)
+    split = WalkForwardConfig(train_fraction=0.5, gap_s=300.0)
+    (train_start, train_end), (valid_start, valid_end) = walk_forward_windows(journal, split)
+    start = settings.market.start_ns
+    assert train_start == start and valid_end == start + 60 * MINUTE_NS
+    assert train_end == start + 30 * MINUTE_NS and valid_start == train_end + 5 * MINUTE_NS
+
+    out = train_ppo(settings, tiny_config(tmp_path / "wf" / "ppo.zip", events=journal, walk_forward=split))
+    metadata = json.loads(metadata_path(out).read_text())
+    assert metadata["env"]["journal"] == str(journal)
+    assert (metadata["env"]["window_start_ns"], metadata["env"]["window_end_ns"]) == (train_start, train_end)
+    assert len(metadata["training"]["validation_sharpe"]) == 1
+    with pytest.raises(ValueError, match="too short"):
+        walk_forward_windows(journal, WalkForwardConfig(train_fraction=0.9, gap_s=3600.0))
+
+
+def test_train_main_refuses_unknown_models_and_two_sources(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown model 'sac'"):
+        train_main(settings, timesteps=10, out=tmp_path / "m.zip", model="sac")
+    with pytest.raises(ValueError, match="not both"):
+        train_main(
+            settings, timesteps=10, out=tmp_path / "m.zip", events=tmp_path / "j.jsonl", synthetic_seed=1
+        )
+
+
+def test_policy_comparison_statistics_and_wins() -> None:
+    comparison = PolicyComparison(
+        seeds=[1, 2, 3],
+        sharpe={"ppo": [1.0, 0.5, -1.0], "hold": [0.0, 0.7, -2.0], "trend": [0.5, 0.1, -1.5]},
+        days=0.5,
+    )
+    summary = comparison.summary()
+    assert summary["ppo"]["mean"] == pytest.approx(1 / 6)
+    assert summary["hold"]["std"] == pytest.approx(np.std([0.0, 0.7, -2.0], ddof=1))
+    assert (comparison.wins("ppo"), comparison.wins("hold"), comparison.wins("trend")) == (2, 1, 0)
+    assert any("ppo best of all on 2/3 seeds" in line for line in comparison.lines())
+
+
+def test_evaluate_policies_scores_ppo_hold_and_trend_through_the_backtester(
+    settings: Settings, trained: Path
+) -> None:
+    days = 1 / 48
+    comparison = evaluate_policies(settings, trained, seeds=[900_000], days=days, workers=1)
+    assert set(comparison.sharpe) == {"ppo", "hold", "trend"}
+    world = settings.market.model_copy(update={"switch_intensity_per_year": [730.0, 1460.0]})
+    direct = run_backtest(
+        settings.model_copy(
+            update={"market": world, "venue": settings.venue.model_copy(update={"seed": 900_000})}
+        ),
+        synthetic_seed=900_000,
+        days=days,
+        policy="trend",
+        progress=False,
+    )
+    expected_hold = direct.benchmark_metrics.sharpe
+    assert comparison.sharpe["hold"] == [expected_hold if math.isfinite(expected_hold) else 0.0]
+    assert comparison.sharpe["trend"] == [
+        direct.metrics.sharpe if math.isfinite(direct.metrics.sharpe) else 0.0
+    ]
