@@ -1,4 +1,4 @@
-"""volbot command line: ``python main.py --mode {paper,study,...} [options]``.
+"""volbot command line: ``python main.py --mode {paper,backtest,train,import,study} [options]``.
 
 Bad arguments and bad configuration print one line and exit with status 2.
 """
@@ -14,9 +14,6 @@ from typing import NoReturn
 MODES = ("paper", "live", "backtest", "train", "import", "study")
 NOT_YET = {
     "live": "live trading through ccxt",
-    "backtest": "replay backtests",
-    "train": "training",
-    "import": "historical importers",
 }
 
 
@@ -37,6 +34,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog="main.py", description=__doc__.splitlines()[0])
     parser.add_argument("--mode", required=True, choices=MODES, help="what to run")
@@ -49,8 +56,21 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--speed", type=positive_float, default=1.0, help="market time per wall time (paper)")
     parser.add_argument("--seed", type=int, help="random seed for the synthetic market and the venue")
     parser.add_argument("--policy", help="policy spec NAME[:PATH] (default from config)")
+    parser.add_argument("--events", type=Path, help="journal to replay (backtest)")
+    parser.add_argument("--synthetic-seed", type=int, help="backtest the synthetic market with this seed")
+    parser.add_argument("--days", type=positive_float, help="simulated days of a synthetic backtest")
+    parser.add_argument("--report", type=Path, help="report folder (default: var/reports/<name>)")
+    parser.add_argument("--model", default="ppo", choices=("ppo",), help="model to train (train mode)")
+    parser.add_argument("--timesteps", type=positive_int, help="agent decisions to train on (train mode)")
+    parser.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        help="import source KIND:PATH[:VENUE:SYMBOL], repeatable (import mode; writes --journal)",
+    )
+    parser.add_argument("--strict", action="store_true", help="stop at the first malformed row (import mode)")
     parser.add_argument("--what", default="heston", choices=("heston",), help="study to run (study mode)")
-    parser.add_argument("--out", type=Path, help="output folder (study mode)")
+    parser.add_argument("--out", type=Path, help="output folder (study mode) or model path (train mode)")
     parser.add_argument(
         "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="console/file level"
     )
@@ -78,9 +98,8 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]
 
 
 def run_paper(args: argparse.Namespace) -> int:
-    from config.settings import ConfigError, load_settings
-
     from bot.app import PaperOptions, PaperSession
+    from config.settings import ConfigError, load_settings
 
     try:
         settings = load_settings(args.config, overrides=settings_overrides(args))
@@ -92,6 +111,46 @@ def run_paper(args: argparse.Namespace) -> int:
     summary = asyncio.run(session.run())
     for line in summary.lines():
         print(line)
+    return 0
+
+
+def run_backtest(args: argparse.Namespace) -> int:
+    from backtest.engine import BacktestError, backtest_main
+    from config.settings import ConfigError
+
+    try:
+        return backtest_main(args, settings_overrides(args))
+    except (BacktestError, ConfigError) as exc:
+        fail(str(exc))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from backtest.train import TrainConfig, train_main
+    from config.settings import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config, overrides=settings_overrides(args))
+        return train_main(
+            settings,
+            timesteps=args.timesteps or TrainConfig.model_fields["timesteps"].default,
+            out=args.out or TrainConfig.model_fields["out"].default,
+            model=args.model,
+            events=args.events,
+            synthetic_seed=args.synthetic_seed,
+        )
+    except (ConfigError, ValueError) as exc:
+        fail(" ".join(str(exc).split()))
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from adapters.importer import ImportFailed, import_main
+
+    if not args.source or args.journal is None:
+        fail("--mode import needs at least one --source KIND:PATH[:VENUE:SYMBOL] and --journal OUT")
+    try:
+        import_main(args.source, args.journal, strict=args.strict)
+    except ImportFailed as exc:
+        fail(str(exc))
     return 0
 
 
@@ -110,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--mode {args.mode} ({NOT_YET[args.mode]}) is not available in this version yet")
     if args.mode == "study":
         return run_study(args)
+    if args.mode == "backtest":
+        return run_backtest(args)
+    if args.mode == "train":
+        return run_train(args)
+    if args.mode == "import":
+        return run_import(args)
     return run_paper(args)
 
 

@@ -7,8 +7,10 @@ handler to :class:`ResilientWebSocket`, which owns everything about staying conn
   seedable), sending the subscribe messages again on every new connection. The backoff only
   resets once a connection has delivered data, so a server that accepts and drops at once is
   retried ever more slowly instead of hammered.
-- **Keepalive**: websockets' own ping/pong (``ping_interval_s``, ``ping_timeout_s``) and an
-  optional application heartbeat (``heartbeat`` callback, every ``heartbeat_interval_s``).
+- **Keepalive**: websockets' own ping/pong (``ping_interval_s``, ``ping_timeout_s``), an
+  optional application heartbeat (``heartbeat`` callback, every ``heartbeat_interval_s``), and
+  replies: whatever the handler returns for a frame is sent back on the connection it came from
+  (a venue's heartbeat test request wants an answer).
 - **Health statuses** pushed as :class:`~bot.events.FeedStatus` under the feed's name:
   ``CONNECTED`` and ``DISCONNECTED``; ``STALE`` when nothing usable arrived for
   ``stale_after_s``, ``RECOVERED`` when data flows again.
@@ -45,7 +47,9 @@ from bot.events import FeedState, FeedStatus
 log = structlog.get_logger("adapters.connection")
 
 Message = str | bytes
-MessageHandler = Callable[[Message, int], None]
+# Returns the replies the venue expects on the same connection (e.g. an answer to a heartbeat
+# test request), or None.
+MessageHandler = Callable[[Message, int], Iterable[Message] | None]
 StatusSink = Callable[[FeedStatus], None]
 
 # Failures worth another attempt; anything else (a bad URL, a bug) propagates.
@@ -81,10 +85,10 @@ class Backoff:
     def cap(self, attempt: int) -> float:
         """Upper bound of the delay before retry number ``attempt`` (0-based)."""
         config = self.config
-        # Compare exponents rather than computing multiplier**attempt, which overflows.
-        if attempt * max(config.multiplier - 1.0, 0.0) > 1e3:
+        # Compare logarithms: multiplier**attempt overflows after a long enough outage.
+        if attempt * math.log(config.multiplier) >= math.log(config.max_s / config.initial_s):
             return config.max_s
-        return min(config.max_s, config.initial_s * config.multiplier**attempt)
+        return config.initial_s * config.multiplier**attempt
 
     def delay(self, attempt: int) -> float:
         return self._rng.uniform(0.0, self.cap(attempt))
@@ -121,6 +125,7 @@ class ConnectionStats:
     handler_errors: int = 0
     stale: int = 0
     heartbeats: int = 0
+    replies: int = 0
 
 
 @dataclass(frozen=True)
@@ -158,8 +163,10 @@ class _Link:
         """The next frame or close marker; None when ``timeout`` seconds pass first."""
         if not self.inbox.empty():
             return self.inbox.get_nowait()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races a frame's arrival.
         try:
-            return await asyncio.wait_for(self.inbox.get(), timeout)
+            async with asyncio.timeout(timeout):
+                return await self.inbox.get()
         except TimeoutError:
             return None
 
@@ -261,9 +268,10 @@ class ResilientWebSocket:
     """A websocket subscription that reconnects, watches its health and reports it.
 
     ``on_message(raw, ts_recv)`` is called for every frame, in order, with the local receive
-    time in ns; ``subscribe()`` gives the messages to send on each new connection;
-    ``emit_status`` receives the feed's :class:`FeedStatus` events; ``heartbeat()``, when
-    given, gives the application heartbeat message sent every ``heartbeat_interval_s``.
+    time in ns, and may return replies for that connection; ``subscribe()`` gives the messages
+    to send on each new connection; ``emit_status`` receives the feed's :class:`FeedStatus`
+    events; ``heartbeat()``, when given, gives the application heartbeat message sent every
+    ``heartbeat_interval_s``.
     """
 
     def __init__(
@@ -367,7 +375,8 @@ class ResilientWebSocket:
                 if self._heartbeat is not None:
                     if now >= next_heartbeat:
                         next_heartbeat = now + config.heartbeat_interval_s
-                        await self._send_heartbeat(primary)
+                        if await self._send(primary, self._heartbeat()):
+                            self.stats.heartbeats += 1
                     deadlines.append(next_heartbeat)
                 if not self._stale:
                     deadlines.append(self._last_data + config.stale_after_s)
@@ -375,7 +384,7 @@ class ResilientWebSocket:
                 if item is None:
                     self._check_stale(loop.time())
                 elif not isinstance(item, _Closed):
-                    self._handle(*item)
+                    await self._handle(primary, *item)
                 elif (successor := handover.take()) is not None:
                     self._log.warning("closed_during_handover", reason=item.reason)
                     primary = successor
@@ -385,12 +394,14 @@ class ResilientWebSocket:
             await handover.cancel()
             await primary.close()
 
-    async def _send_heartbeat(self, link: _Link) -> None:
-        if self._heartbeat is None:
-            return
-        with contextlib.suppress(ConnectionClosed):
-            await link.ws.send(self._heartbeat())
-            self.stats.heartbeats += 1
+    @staticmethod
+    async def _send(link: _Link, message: Message) -> bool:
+        """Send on ``link``; False when it is already closed (its reader reports why)."""
+        try:
+            await link.ws.send(message)
+        except ConnectionClosed:
+            return False
+        return True
 
     async def _retire(self, link: _Link) -> None:
         """Close the old connection of a handover and handle what it still delivered."""
@@ -398,12 +409,12 @@ class ResilientWebSocket:
         while not link.inbox.empty():
             item = link.inbox.get_nowait()
             if not isinstance(item, _Closed):
-                self._handle(*item)
+                await self._handle(link, *item)
 
-    def _handle(self, raw: Message, ts_recv: int) -> None:
+    async def _handle(self, link: _Link, raw: Message, ts_recv: int) -> None:
         self.stats.messages += 1
         try:
-            self._on_message(raw, ts_recv)
+            replies = self._on_message(raw, ts_recv)
         except MessageError as exc:
             self.stats.parse_errors += 1
             self._log.warning("message_skipped", error=str(exc), message=_excerpt(raw))
@@ -417,6 +428,9 @@ class ResilientWebSocket:
         if self._stale:
             self._stale = False
             self._status(FeedState.RECOVERED, "data resumed")
+        for reply in replies or ():
+            if await self._send(link, reply):
+                self.stats.replies += 1
 
     def _check_stale(self, now: float) -> None:
         if not self._stale and now - self._last_data >= self.config.stale_after_s:

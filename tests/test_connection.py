@@ -256,3 +256,26 @@ async def test_application_heartbeat_is_sent_periodically() -> None:
 def test_config_rejects_non_positive_durations(bad: str) -> None:
     with pytest.raises(ValueError, match=bad):
         fast_config(**{bad: 0})
+
+
+async def test_handler_replies_go_back_on_the_same_connection() -> None:
+    """A venue's heartbeat test request gets its answer: the handler's return value is sent back."""
+    test_request = json.dumps({"method": "heartbeat", "params": {"type": "test_request"}})
+    answered: list[int] = []
+
+    def on_message(raw: str | bytes, ts_recv: int) -> list[str] | None:
+        if raw == test_request:
+            answered.append(ts_recv)
+            return ['{"method":"public/test"}']
+        return None
+
+    async with ReplayServer(
+        [Session(messages=[*numbered(2), test_request, *numbered(1, start=2)])]
+    ) as server:
+        socket = ResilientWebSocket(
+            "TEST", server.url, on_message=on_message, emit_status=lambda _: None, config=fast_config()
+        )
+        await run_until(socket, lambda: socket.stats.replies == 1)
+        await server.wait_for(lambda s: len(s.connections[0].received) == 1)
+    assert server.connections[0].received == ['{"method":"public/test"}']
+    assert len(answered) == 1 and socket.stats.messages >= 3

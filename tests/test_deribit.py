@@ -700,7 +700,9 @@ async def test_feed_subscribes_new_listings_on_refresh_and_survives_rpc_errors(
         return [reply]
 
     tickers = [f.body for f in received if channel_of(f).startswith("ticker.BTC-")]
-    session = Session(messages=tickers, await_client_messages=4, interval_s=0.01)
+    # Refreshes ride on incoming frames: replay the tickers (repeats are dropped as duplicates) long
+    # enough that several refresh periods pass even on a loaded machine.
+    session = Session(messages=tickers * 5, await_client_messages=4, interval_s=0.01)
     sunk: list[Event] = []
     async with ReplayServer([session], respond=respond) as server:
         config = feed_config(server.url).model_copy(update={"instruments_refresh_s": 0.1})

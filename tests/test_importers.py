@@ -117,9 +117,9 @@ def test_klines_from_a_zip_with_a_header_in_microseconds_give_the_same_bars(
     rows = csv_lines(source)
     micro = [[int(r[0]) * 1000, *r[1:6], int(r[6]) * 1000 + 999, *r[7:]] for r in rows]
     text = io.StringIO()
-    csv.writer(text).writerows([["open_time", "open", "high", "low", "close", "volume", "close_time",
-                                 "quote_volume", "count", "taker_buy_volume", "taker_buy_quote_volume",
-                                 "ignore"], *micro])  # fmt: skip
+    text.write("open_time,open,high,low,close,volume,close_time,quote_volume,count,")
+    text.write("taker_buy_volume,taker_buy_quote_volume,ignore\n")
+    csv.writer(text).writerows(micro)
     archive = tmp_path / "ADABTC-1m-2021-11-27.zip"
     with zipfile.ZipFile(archive, "w") as handle:
         handle.writestr("ADABTC-1m-2021-11-27.csv", text.getvalue())
@@ -208,7 +208,7 @@ def test_funding_rows_become_marks_at_their_funding_time(shared_data: Path, tmp_
         assert mark.funding_rate == float(row["fundingRate"])
         assert mark.next_funding_ts == mark.ts_recv + 8 * HOUR_NS
         assert (mark.mark_price, mark.index_price) == (0.0, 0.0), "no price is known: consumers ignore 0.0"
-    (_, report), = summary.sources  # fmt: skip
+    [(_, report)] = summary.sources
     assert report.notes == Counter({"funding record before any price of its instrument (mark 0.0)": 100})
 
 
@@ -287,7 +287,7 @@ def test_tardis_book_snapshots_give_quotes_on_top_of_book_changes(
     assert 0 < len(quotes) < len(rows), "the samples repeat their top of book"
     assert [(q.ts_event, q.ts_recv, q.bid, q.bid_size, q.ask, q.ask_size) for q in quotes] == expected
     assert {q.instrument for q in quotes} == {"BINANCE_USDM:BTCUSDT"}
-    (_, report), = summary.sources  # fmt: skip
+    [(_, report)] = summary.sources
     assert report.notes["top of book unchanged (no quote)"] == len(rows) - len(quotes)
 
 
@@ -295,11 +295,9 @@ def test_tardis_quotes_gzipped_match_the_book_they_come_from(fixtures: Path, tmp
     rows = tardis_rows(fixtures / "tardis" / "binance-futures_book_snapshot_5_BTCUSDT.csv")
     header = ["exchange", "symbol", "timestamp", "local_timestamp", "ask_amount", "ask_price"]
     header += ["bid_price", "bid_amount"]
-    lines = [
-        [r["exchange"], r["symbol"], r["timestamp"], r["local_timestamp"], r["asks[0].amount"],
-         r["asks[0].price"], r["bids[0].price"], r["bids[0].amount"]]
-        for r in rows
-    ]  # fmt: skip
+    columns = ("exchange", "symbol", "timestamp", "local_timestamp", "asks[0].amount", "asks[0].price")
+    columns += ("bids[0].price", "bids[0].amount")
+    lines = [[row[column] for column in columns] for row in rows]
     one_sided = [*lines[-1][:4], "", "", lines[-1][6], lines[-1][7]]
     one_sided[3] = str(int(one_sided[3]) + 1)
     text = io.StringIO()
@@ -311,7 +309,7 @@ def test_tardis_quotes_gzipped_match_the_book_they_come_from(fixtures: Path, tmp
     assert [(q.ts_event, q.ts_recv, q.bid, q.bid_size, q.ask, q.ask_size) for q in quotes] == expected_tops(
         rows, "bids[0]", "asks[0]"
     )
-    (_, report), = summary.sources  # fmt: skip
+    [(_, report)] = summary.sources
     assert report.notes["one-sided book (no quote)"] == 1
 
 
@@ -346,7 +344,7 @@ def test_tardis_ticker_fields_left_empty_keep_earlier_values(fixtures: Path, tmp
         rows[1]["funding_rate"]
     )
     assert marks[1].funding_rate == marks[0].funding_rate and marks[1].ts_recv == marks[0].ts_recv + US
-    (_, report), = summary.sources  # fmt: skip
+    [(_, report)] = summary.sources
     assert report.notes["ticker before mark, index and funding are all known (no mark)"] == 1
 
 
@@ -546,3 +544,75 @@ def test_import_main_writes_a_gzip_journal_and_prints_counts(fixtures: Path, tmp
     assert "binance-futures_book_snapshot_5_BTCUSDT.csv" in printed and "Quote 8" in printed
     assert "top of book unchanged (no quote): 2" in printed
     assert gzip.decompress(out.read_bytes()).count(b"\n") == 1 + summary.events == 9
+
+
+# --- end to end through the backtester ----------------------------------------------------------------
+
+
+def hftbacktest_to_tardis(capture: Path, folder: Path) -> tuple[Path, Path]:
+    """Tardis quotes and trades CSVs from a recorded Binance spot stream (local time ns, raw JSON)."""
+    quotes = [["exchange", "symbol", "timestamp", "local_timestamp", "ask_amount", "ask_price"]]
+    quotes[0] += ["bid_price", "bid_amount"]
+    trades = [["exchange", "symbol", "timestamp", "local_timestamp", "id", "side", "price", "amount"]]
+    with gzip.open(capture, "rt") as handle:
+        for line in handle:
+            local_ns, _, raw = line.partition(" ")
+            message = json.loads(raw)
+            data, local_us = message.get("data", {}), int(local_ns) // 1000
+            if message.get("stream", "").endswith("@bookTicker"):  # spot bookTicker has no exchange time
+                quotes.append(
+                    ["binance", data["s"], local_us, local_us, data["A"], data["a"], data["b"], data["B"]]
+                )
+            elif data.get("e") == "trade":
+                side = "sell" if data["m"] else "buy"
+                trades.append(
+                    ["binance", data["s"], data["T"] * 1000, local_us, data["t"], side, data["p"], data["q"]]
+                )
+    return write_csv(folder / "quotes.csv", quotes), write_csv(folder / "trades.csv", trades)
+
+
+def test_the_backtester_replays_an_imported_journal(shared_data: Path, tmp_path: Path) -> None:
+    from backtest.engine import run_backtest
+    from bot.app import build_engine
+    from bot.instruments import InstrumentKind, InstrumentSpec
+    from config.settings import load_settings
+    from strategies.hold import HoldPolicy, HoldPolicyConfig
+
+    target = 0.05
+
+    quotes_csv, trades_csv = hftbacktest_to_tardis(
+        shared_data / "hftbacktest" / "spot" / "btcusdt_20240808.gz", tmp_path
+    )
+    journal = tmp_path / "btcusdt.jsonl"
+    summary = import_sources(
+        [SourceSpec("tardis-quotes", quotes_csv), SourceSpec("tardis-trades", trades_csv)], journal
+    )
+    spec = InstrumentSpec(
+        instrument="BINANCE:BTCUSDT",
+        kind=InstrumentKind.SPOT,
+        base="BTC",
+        tick_size=0.01,
+        lot_size=0.00001,
+        min_qty=0.00001,
+        min_notional=5.0,
+    )
+    settings = load_settings(overrides={"run": {"seed": 1}, "venue": {"seed": 1}})
+    # A small target: the recorded touch is thin, and square-root impact walks a large order past it.
+    policy = HoldPolicy(HoldPolicyConfig(targets={"BINANCE:BTCUSDT": target}))
+    result = run_backtest(settings, events_path=journal, instruments=[spec], policy=policy, progress=False)
+    assert result.events == summary.events > 20_000
+    assert result.strategy.decisions >= 4, "six minutes of event time at one decision a minute"
+    assert result.fills and {fill.instrument for fill in result.fills} == {"BINANCE:BTCUSDT"}
+    quotes = of_type(list(read_events(journal)), Quote)
+    assert all(
+        min(q.bid for q in quotes) <= fill.price <= max(q.ask for q in quotes) for fill in result.fills
+    )
+    assert 0.8 * target < result.equity[-1].exposures[0] < 1.2 * target, "the hold target is reached and kept"
+
+    engine = build_engine(
+        settings, [spec], policy=HoldPolicy(HoldPolicyConfig(targets={"BINANCE:BTCUSDT": target}))
+    )
+    for event in read_events(journal):
+        engine.feed(event)
+    assert engine.bus.stats.handler_errors == 0
+    assert engine.fingerprint.fills_sha256 == result.fills_sha256
