@@ -56,6 +56,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--speed", type=positive_float, default=1.0, help="market time per wall time (paper)")
     parser.add_argument("--seed", type=int, help="random seed for the synthetic market and the venue")
     parser.add_argument("--policy", help="policy spec NAME[:PATH] (default from config)")
+    parser.add_argument(
+        "--feed", choices=("synthetic", "binance", "binance+deribit"), help="market data of a paper run"
+    )
     parser.add_argument("--events", type=Path, help="journal to replay (backtest)")
     parser.add_argument("--synthetic-seed", type=int, help="backtest the synthetic market with this seed")
     parser.add_argument("--days", type=positive_float, help="simulated days of a synthetic backtest")
@@ -92,23 +95,26 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]
         overrides.setdefault("venue", {})["seed"] = args.seed
     if args.policy:
         overrides.setdefault("run", {})["policy"] = args.policy
+    if args.feed:
+        overrides.setdefault("run", {})["feed"] = args.feed
     if args.log_level:
         overrides.setdefault("logging", {})["level"] = args.log_level
     return overrides
 
 
 def run_paper(args: argparse.Namespace) -> int:
+    from adapters.sources import SourceError
     from bot.app import PaperOptions, PaperSession
     from config.settings import ConfigError, load_settings
 
     try:
         settings = load_settings(args.config, overrides=settings_overrides(args))
-    except ConfigError as exc:
+        session = PaperSession(
+            settings, PaperOptions(duration_s=args.duration, speed=args.speed, journal_path=args.journal)
+        )
+        summary = asyncio.run(session.run())
+    except (ConfigError, SourceError) as exc:
         fail(str(exc))
-    session = PaperSession(
-        settings, PaperOptions(duration_s=args.duration, speed=args.speed, journal_path=args.journal)
-    )
-    summary = asyncio.run(session.run())
     for line in summary.lines():
         print(line)
     return 0

@@ -617,6 +617,7 @@ class BinanceFeedConfig(BaseModel):
         default_factory=lambda: BinanceMarketConfig(
             ws_url="wss://stream.binance.com:9443",
             rest_url="https://api.binance.com",
+            symbols=["BTCUSDT"],
             streams=["trade", "bookTicker", "depth@100ms"],
         )
     )
@@ -624,6 +625,7 @@ class BinanceFeedConfig(BaseModel):
         default_factory=lambda: BinanceMarketConfig(
             ws_url="wss://fstream.binance.com",
             rest_url="https://fapi.binance.com",
+            symbols=["BTCUSDT"],
             streams=["aggTrade", "bookTicker", "depth@100ms", "markPrice@1s"],
         )
     )

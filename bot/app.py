@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from adapters.paper import PaperVenue
-from adapters.synthetic import SyntheticMarket, paced
+from adapters.sources import MarketSource, market_source
 from bot.bus import EventBus, InboundQueue
 from bot.decision import DecisionLoop, RunFingerprint
 from bot.events import Event
@@ -38,7 +38,7 @@ from bot.portfolio import Portfolio
 from bot.risk import RiskEngine
 from bot.state import StateBuilder
 from bot.store import Store, StoreRecorder
-from config.settings import Settings
+from config.settings import ConfigError, Settings
 from strategies.base import Policy, load_policy
 
 NANOS_PER_SECOND = 1_000_000_000
@@ -106,6 +106,12 @@ def build_engine(
     )
     if not isinstance(policy, Policy):
         policy = load_policy(policy or settings.run.policy, settings=settings)
+    unlisted = [instrument for instrument in policy.instruments if instrument not in registry]
+    if unlisted:
+        raise ConfigError(
+            f"config error: policy {policy.name!r} trades {', '.join(unlisted)}, which the market does not "
+            f"list (it lists {', '.join(registry.ids) or 'nothing'})"
+        )
     fingerprint = RunFingerprint(bus)
     decisions = DecisionLoop(
         bus, features, state_builder, policy, settings.run.decision_interval_s, fingerprint
@@ -170,7 +176,7 @@ class RunSummary:
 
 
 class PaperSession:
-    """A continuous paper-trading run on the embedded synthetic market."""
+    """A continuous paper-trading run on the embedded synthetic market or the venues' live feeds."""
 
     def __init__(self, settings: Settings, options: PaperOptions) -> None:
         self.settings = settings
@@ -208,8 +214,8 @@ class PaperSession:
         start_ns = (time.time_ns() // NANOS_PER_SECOND) * NANOS_PER_SECOND
         if resume is not None:
             start_ns = max(start_ns, resume["clock"]["now_ns"] + NANOS_PER_SECOND)
-        market = SyntheticMarket(settings.market.model_copy(update={"start_ns": start_ns}))
-        engine = build_engine(settings, market.instruments())
+        source = market_source(settings, start_ns, self.options.speed)
+        engine = build_engine(settings, await source.instruments())
         if resume is not None:
             engine.load_state_dicts(resume)
             log.info("resumed", from_run=previous.run_id if previous else None, cash=engine.portfolio.cash)
@@ -218,7 +224,7 @@ class PaperSession:
             Path(settings.journal.dir) / f"{self.run_id}.jsonl{'.gz' if settings.journal.gzip else ''}"
         )
         journal = JournalWriter(
-            journal_path, self.run_id, meta={"mode": "paper", "seed": settings.run.seed, "feed": "synthetic"}
+            journal_path, self.run_id, meta={"mode": "paper", "seed": settings.run.seed, "feed": source.name}
         )
         engine.bus.on_inbound(journal.write)
         recorder = StoreRecorder(engine.bus, store, self.run_id)
@@ -238,7 +244,7 @@ class PaperSession:
 
         status = "completed"
         try:
-            await self._loop(engine, market, journal, recorder, store)
+            await self._loop(engine, source, journal, recorder, store)
         except BaseException:
             status = "crashed"
             raise
@@ -266,7 +272,7 @@ class PaperSession:
     async def _loop(
         self,
         engine: Engine,
-        market: SyntheticMarket,
+        source: MarketSource,
         journal: JournalWriter,
         recorder: StoreRecorder,
         store: Store,
@@ -278,10 +284,6 @@ class PaperSession:
                 loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         if self.options.duration_s is not None:
             loop.call_later(self.options.duration_s, self.request_stop, "duration elapsed")
-
-        async def produce() -> None:
-            async for event in paced(market.events(), self.options.speed, self.stop):
-                await queue.put(event)
 
         async def checkpoint_every(seconds: float) -> None:
             while True:
@@ -299,7 +301,7 @@ class PaperSession:
                 last_events, last_time = self.events, now
                 status_line.emit(engine.portfolio, engine.risk.state, rate)
 
-        producer = asyncio.create_task(produce(), name="feed")
+        producer = asyncio.create_task(source.run(queue, self.stop), name="feed")
         helpers = [
             asyncio.create_task(checkpoint_every(self.settings.run.checkpoint_interval_s), name="checkpoint"),
             asyncio.create_task(status_every(self.settings.run.status_interval_s), name="status"),

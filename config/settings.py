@@ -36,6 +36,8 @@ from pydantic_settings import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from adapters.binance import BinanceFeedConfig
+from adapters.deribit import DeribitFeedConfig
 from adapters.paper import PaperVenueConfig
 from adapters.synthetic import SyntheticMarketConfig
 from bot.features.engine import FeatureEngineConfig
@@ -44,6 +46,7 @@ from bot.orders import OrderManagerConfig
 from bot.risk import RiskConfig
 from bot.state import StateBuilderConfig
 from bot.store import DEFAULT_URL, async_database_url
+from strategies.hold import HoldPolicyConfig
 from strategies.trend import TrendPolicyConfig
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default.toml")
@@ -72,6 +75,9 @@ class RunConfig(BaseModel):
     status_interval_s: float = Field(10.0, gt=0, description="wall time between status lines")
     var_dir: Path = Field(Path("var"), description="run outputs")
     policy: str = Field("trend", min_length=1, description="policy spec NAME[:PATH]")
+    feed: Literal["synthetic", "binance", "binance+deribit"] = Field(
+        "synthetic", description="market data of a paper run: the embedded market or live public feeds"
+    )
 
 
 class StoreConfig(BaseModel):
@@ -162,6 +168,9 @@ class Settings(BaseSettings):
     features: FeatureEngineConfig = Field(default_factory=FeatureEngineConfig)
     state: StateBuilderConfig = Field(default_factory=StateBuilderConfig)
     trend: TrendPolicyConfig = Field(default_factory=TrendPolicyConfig)
+    hold: HoldPolicyConfig = Field(default_factory=HoldPolicyConfig)
+    binance: BinanceFeedConfig = Field(default_factory=BinanceFeedConfig)
+    deribit: DeribitFeedConfig = Field(default_factory=DeribitFeedConfig)
     live: LiveConfig = Field(default_factory=LiveConfig)
 
     @classmethod
