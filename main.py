@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import NoReturn
 
 MODES = ("paper", "live", "backtest", "train", "import", "study")
-NOT_YET = {
-    "live": "live trading through ccxt",
-}
+LIVE_OPT_IN = (
+    "--mode live sends real orders: it needs --confirm-live, VOLBOT_LIVE__ENABLED=true and the keys in "
+    "VOLBOT_LIVE__API_KEY and VOLBOT_LIVE__API_SECRET"
+)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,6 +52,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--db", help="database URL (default: SQLite under var/)")
     parser.add_argument(
         "--journal", type=Path, help="event journal file (default: var/journal/<run id>.jsonl)"
+    )
+    parser.add_argument(
+        "--confirm-live", action="store_true", help="opt in to sending real orders (live mode)"
     )
     parser.add_argument("--duration", type=positive_float, help="stop after this many wall-clock seconds")
     parser.add_argument("--speed", type=positive_float, default=1.0, help="market time per wall time (paper)")
@@ -102,16 +106,19 @@ def settings_overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]
     return overrides
 
 
-def run_paper(args: argparse.Namespace) -> int:
+def run_paper(args: argparse.Namespace, live: bool = False) -> int:
     from adapters.sources import SourceError
     from bot.app import PaperOptions, PaperSession
     from config.settings import ConfigError, load_settings
 
     try:
         settings = load_settings(args.config, overrides=settings_overrides(args))
-        session = PaperSession(
-            settings, PaperOptions(duration_s=args.duration, speed=args.speed, journal_path=args.journal)
+        if live and not settings.live.enabled:
+            fail(LIVE_OPT_IN)
+        options = PaperOptions(
+            duration_s=args.duration, speed=args.speed, journal_path=args.journal, live=live
         )
+        session = PaperSession(settings, options)
         summary = asyncio.run(session.run())
     except (ConfigError, SourceError) as exc:
         fail(str(exc))
@@ -171,8 +178,10 @@ def run_study(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.mode in NOT_YET:
-        fail(f"--mode {args.mode} ({NOT_YET[args.mode]}) is not available in this version yet")
+    if args.mode == "live":
+        if not args.confirm_live:
+            fail(LIVE_OPT_IN)
+        return run_paper(args, live=True)
     if args.mode == "study":
         return run_study(args)
     if args.mode == "backtest":

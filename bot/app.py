@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from adapters.ccxt_venue import CcxtVenue
 from adapters.paper import PaperVenue
 from adapters.sources import MarketSource, market_source
 from bot.bus import EventBus, InboundQueue
@@ -54,7 +55,7 @@ class Engine:
     portfolio: Portfolio
     risk: RiskEngine
     orders: OrderManager
-    venue: PaperVenue
+    venue: PaperVenue | None  # None when a real venue adapter answers the orders (live mode)
     features: FeatureEngine
     state_builder: StateBuilder
     policy: Policy
@@ -82,21 +83,27 @@ class Engine:
         self.risk.load_state_dict(states["risk"])
         self.orders.load_state_dict(states["orders"])
         self.state_builder.load_state_dict(states["state_builder"])
-        self.venue.restore_positions({p.instrument: p.quantity for p in self.portfolio.positions.values()})
+        if self.venue is not None:
+            positions = {p.instrument: p.quantity for p in self.portfolio.positions.values()}
+            self.venue.restore_positions(positions)
 
 
 def build_engine(
     settings: Settings,
     instruments: Iterable[InstrumentSpec],
     policy: str | Policy | None = None,
+    simulated_venue: bool = True,
 ) -> Engine:
-    """Assemble the core in its fixed subscription order (marks reach the portfolio before risk)."""
+    """Assemble the core in its fixed subscription order (marks reach the portfolio before risk).
+
+    ``simulated_venue=False`` leaves the orders to a real venue adapter attached to the bus (live).
+    """
     bus = EventBus()
     registry = InstrumentRegistry(list(instruments))
     portfolio = Portfolio(bus, registry, settings.run.initial_cash)
     risk = RiskEngine(bus, registry, portfolio, settings.risk)
     orders = OrderManager(bus, registry, portfolio, settings.orders)
-    venue = PaperVenue(bus, registry, settings.venue)
+    venue = PaperVenue(bus, registry, settings.venue) if simulated_venue else None
     features = build_feature_engine(bus, settings.features)
     state_builder = StateBuilder(
         len(features.feature_names),
@@ -144,6 +151,7 @@ class PaperOptions:
     duration_s: float | None = None
     speed: float = 1.0
     journal_path: Path | None = None
+    live: bool = False  # orders go to the exchange of [live] through ccxt instead of the paper venue
 
 
 @dataclass
@@ -181,7 +189,8 @@ class PaperSession:
     def __init__(self, settings: Settings, options: PaperOptions) -> None:
         self.settings = settings
         self.options = options
-        self.run_id = new_run_id("paper")
+        self.mode = "live" if options.live else "paper"
+        self.run_id = new_run_id(self.mode)
         self.stop = asyncio.Event()
         self.events = 0
 
@@ -215,7 +224,9 @@ class PaperSession:
         if resume is not None:
             start_ns = max(start_ns, resume["clock"]["now_ns"] + NANOS_PER_SECOND)
         source = market_source(settings, start_ns, self.options.speed)
-        engine = build_engine(settings, await source.instruments())
+        if self.options.live and source.name == "synthetic":
+            raise ConfigError("config error: run.feed: live mode trades a real market; use --feed binance")
+        engine = build_engine(settings, await source.instruments(), simulated_venue=not self.options.live)
         if resume is not None:
             engine.load_state_dicts(resume)
             log.info("resumed", from_run=previous.run_id if previous else None, cash=engine.portfolio.cash)
@@ -224,14 +235,16 @@ class PaperSession:
             Path(settings.journal.dir) / f"{self.run_id}.jsonl{'.gz' if settings.journal.gzip else ''}"
         )
         journal = JournalWriter(
-            journal_path, self.run_id, meta={"mode": "paper", "seed": settings.run.seed, "feed": source.name}
+            journal_path,
+            self.run_id,
+            meta={"mode": self.mode, "seed": settings.run.seed, "feed": source.name},
         )
         engine.bus.on_inbound(journal.write)
         recorder = StoreRecorder(engine.bus, store, self.run_id)
         EventLogger(engine.bus)
         await store.start_run(
             self.run_id,
-            mode="paper",
+            mode=self.mode,
             seed=settings.run.seed,
             config=settings.redacted_dict(),
             policy=engine.policy.name,
@@ -239,7 +252,11 @@ class PaperSession:
             parent_run_id=previous.run_id if (resume is not None and previous is not None) else None,
         )
         log.info(
-            "run_started", mode="paper", speed=self.options.speed, journal=str(journal_path), var=str(var_dir)
+            "run_started",
+            mode=self.mode,
+            speed=self.options.speed,
+            journal=str(journal_path),
+            var=str(var_dir),
         )
 
         status = "completed"
@@ -301,6 +318,12 @@ class PaperSession:
                 last_events, last_time = self.events, now
                 status_line.emit(engine.portfolio, engine.risk.state, rate)
 
+        venue: CcxtVenue | None = None
+        if self.options.live:
+            live = self.settings.live
+            overrides = {"base_url": live.base_url} if live.base_url else {}
+            venue = CcxtVenue.from_live_config(live, queue.put_nowait, bus=engine.bus, **overrides)
+            await venue.start()
         producer = asyncio.create_task(source.run(queue, self.stop), name="feed")
         helpers = [
             asyncio.create_task(checkpoint_every(self.settings.run.checkpoint_interval_s), name="checkpoint"),
@@ -330,6 +353,8 @@ class PaperSession:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(producer, *helpers, return_exceptions=True)
+            if venue is not None:
+                await venue.close()
 
     async def _checkpoint(
         self, engine: Engine, journal: JournalWriter, recorder: StoreRecorder, store: Store

@@ -128,6 +128,9 @@ class LiveConfig(BaseModel):
     enabled: bool = Field(False, description="opt in to sending orders to a real exchange")
     exchange: Literal["binance", "binanceusdm", "deribit"] = "binance"
     testnet: bool = True
+    base_url: str | None = Field(
+        None, description="REST root instead of the exchange's own (a local test exchange)"
+    )
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
 

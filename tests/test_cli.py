@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,40 @@ def test_bad_import_and_train_arguments_are_one_line_and_exit_2(
     assert result.returncode == 2
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--mode", "live"], {}, "needs --confirm-live"),
+        (["--mode", "live", "--confirm-live"], {}, "VOLBOT_LIVE__ENABLED=true"),
+        (
+            ["--mode", "live", "--confirm-live"],
+            {"VOLBOT_LIVE__ENABLED": "true"},
+            "live: enabled needs VOLBOT_LIVE__API_KEY and VOLBOT_LIVE__API_SECRET",
+        ),
+        (
+            ["--mode", "live", "--confirm-live"],
+            {
+                "VOLBOT_LIVE__ENABLED": "true",
+                "VOLBOT_LIVE__API_KEY": "k" * 24,
+                "VOLBOT_LIVE__API_SECRET": "s" * 24,
+            },
+            "live mode trades a real market; use --feed binance",
+        ),
+    ],
+)
+def test_live_mode_needs_the_flag_the_setting_the_keys_and_a_real_feed(
+    args: list[str], env: dict[str, str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in [name for name in os.environ if name.startswith("VOLBOT_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("VOLBOT_LOGGING__DIR", str(tmp_path / "logs"))
+    monkeypatch.setenv("VOLBOT_STORE__URL", f"sqlite:///{tmp_path / 'volbot.db'}")
+    result = run_main(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "k" * 24 not in result.stderr + result.stdout and "s" * 24 not in result.stderr + result.stdout

@@ -10,17 +10,20 @@ other mode, the journal and the store.
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
+from ccxt_server import BinanceRestServer, Market
+from pydantic import SecretStr
 from test_binance_feed import FIXTURE, Recording, binance_acks, depth_now
 from wsreplay import HttpReplayServer, ReplayServer, Session
 
 from adapters.sources import SourceError
 from bot.app import PaperOptions, PaperSession
-from bot.events import FeedState, FeedStatus, Trade
+from bot.events import FeedState, FeedStatus, Fill, OrderStatus, OrderUpdate, Trade
 from bot.journal import read_events, read_header
 from bot.store import Store
-from config.settings import ConfigError, Settings, load_settings
+from config.settings import ConfigError, LiveConfig, Settings, load_settings
 from strategies.hold import HoldPolicyConfig
 
 SPOT = "BINANCE:BTCUSDT"
@@ -170,3 +173,61 @@ async def test_a_policy_on_instruments_the_feed_does_not_list_is_refused(
             raise AssertionError("the default trend policy trades SYNTH instruments: the session must refuse")
     assert message.startswith("config error: policy 'trend' trades SYNTH:BTCUSDT-PERP, SYNTH:DOGEUSDT-PERP")
     assert "(it lists BINANCE:BTCUSDT)" in message
+
+
+async def test_live_mode_sends_the_pipelines_orders_through_ccxt_once_each(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    """The same session with ``live=True``: no paper venue, orders go to a local exchange through ccxt."""
+    recording = Recording(FIXTURE)
+    stream = recording.stream
+    first_quote = next(d for d in recording.data if "b" in d and "e" not in d)
+    touch = float(first_quote["a"])
+    rest = shared_data / "binance_rest"
+    info: dict[Market, bytes] = {
+        "spot": (rest / "api_v3_exchangeInfo.json").read_bytes(),
+        "usdm": (rest / "fapi_v1_exchangeInfo.json").read_bytes(),
+    }
+    key, secret = f"vbkey{uuid.uuid4().hex}", f"vbsecret{uuid.uuid4().hex}"
+    session_frames = Session(messages=stream, await_client_messages=1, interval_s=0.0005)
+    async with (
+        ReplayServer([session_frames], respond=binance_acks) as ws,
+        HttpReplayServer({}) as http,
+        BinanceRestServer(info, key, secret, prices={"BTCUSDT": touch}) as exchange,
+    ):
+        http.routes["/api/v3/exchangeInfo"] = info["spot"]
+        http.routes["/fapi/v1/exchangeInfo"] = info["usdm"]
+        http.routes["/api/v3/depth"] = depth_now(recording, ws)
+        settings = live_settings(tmp_path, ws.url, http.url)
+        live = LiveConfig(
+            enabled=True,
+            exchange="binance",
+            testnet=True,
+            base_url=exchange.url,
+            api_key=SecretStr(key),
+            api_secret=SecretStr(secret),
+        )
+        settings = settings.model_copy(update={"live": live})
+        journal_path = tmp_path / "journal" / "live.jsonl"
+        session = PaperSession(settings, PaperOptions(journal_path=journal_path, live=True))
+        task = asyncio.create_task(session.run())
+        async with asyncio.timeout(60):
+            while not (ws.connections and ws.connections[0].sent == len(stream)):
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+        session.request_stop("test done")
+        summary = await task
+        posted = exchange.requested("POST", "/api/v3/order")
+
+    events = list(read_events(journal_path))
+    assert read_header(journal_path)["meta"]["mode"] == "live"
+    fills = [e for e in events if isinstance(e, Fill)]
+    accepted = [e for e in events if isinstance(e, OrderUpdate) and e.status is OrderStatus.ACCEPTED]
+    # every order the pipeline approved went to the exchange exactly once, and its fill came back
+    assert posted and len(posted) == len(accepted) == len({u.client_order_id for u in accepted})
+    assert fills and {f.instrument for f in fills} == {SPOT}
+    assert all(f.price == touch for f in fills), "filled at the exchange's price, not by a simulation"
+    assert {f.client_order_id for f in fills} == {u.client_order_id for u in accepted}
+    assert summary.status == "completed" and summary.fills == len(fills)
+    assert summary.run_id.startswith("live-") and summary.positions[SPOT] > 0
