@@ -101,6 +101,7 @@ class _Ledger:
     perp_realized_pnl: float = 0.0
     fees: float = 0.0
     funding: float = 0.0
+    fees_in_kind: float = 0.0  # quote value of fees the exchange took in the base asset, not from cash
 
 
 class Portfolio:
@@ -144,18 +145,27 @@ class Portfolio:
             )
             raise KeyError(f"fill for unknown instrument {fill.instrument!r}")
         before = self.position(fill.instrument)
-        result = apply_trade(before, fill.signed_quantity, fill.price, spec)
         notional = fill.quantity * fill.price
+        cash_fee = fill.fee
+        if not spec.is_perp and fill.fee_currency == spec.base and fill.fee_currency != spec.quote:
+            # A live spot fee taken in the coin (Binance charges buys so): fewer coins for the same
+            # cash, so the coins held cost more each; the fee's value is booked apart from cash.
+            coins = fill.signed_quantity - fill.fee
+            result = apply_trade(before, coins, notional / abs(coins), spec)
+            cash_fee = 0.0
+            self._ledger.fees_in_kind += fill.fee * fill.price
+        else:
+            result = apply_trade(before, fill.signed_quantity, fill.price, spec)
         if spec.is_perp:
-            self._cash += result.realized - fill.fee
+            self._cash += result.realized - cash_fee
             self._ledger.perp_realized_pnl += result.realized
         elif fill.signed_quantity > 0:
-            self._cash -= notional + fill.fee
+            self._cash -= notional + cash_fee
             self._ledger.spot_buy_notional += notional
         else:
-            self._cash += notional - fill.fee
+            self._cash += notional - cash_fee
             self._ledger.spot_sell_notional += notional
-        self._ledger.fees += fill.fee
+        self._ledger.fees += cash_fee
         self._positions[fill.instrument] = result.position
         if not spec.is_perp and result.position.quantity < 0:
             log.error(
@@ -280,7 +290,7 @@ class Portfolio:
 
     @property
     def total_fees(self) -> float:
-        return self._ledger.fees
+        return self._ledger.fees + self._ledger.fees_in_kind
 
     @property
     def total_funding(self) -> float:
@@ -311,7 +321,7 @@ class Portfolio:
             cash=self._cash,
             unrealized_pnl=self.unrealized_pnl(),
             realized_pnl=self.realized_pnl,
-            fees=self._ledger.fees,
+            fees=self.total_fees,
             funding=self._ledger.funding,
             gross_exposure=self.gross_exposure(),
         )

@@ -307,3 +307,34 @@ def test_ledger_reconciles_after_random_fills(steps: list[tuple[str, int, float,
     expected_perp_realized = perp_trade_flow + perp.quantity * perp.avg_price
     assert perp.realized_pnl == pytest.approx(expected_perp_realized, abs=1e-6)
     assert portfolio.cash == pytest.approx(spot_and_funding_flows + expected_perp_realized, abs=1e-6)
+
+
+def test_spot_fee_taken_in_the_coin_reduces_the_holding_not_the_cash() -> None:
+    """Binance takes a spot buy's fee in the bought coin: the live venue reports it as such."""
+    bus, portfolio, _ = make()
+    now = bus.clock.now_ns()
+    bus.publish(
+        Fill(
+            ts_event=now,
+            ts_recv=now,
+            client_order_id="live-1",
+            instrument=SPOT,
+            side=Side.BUY,
+            quantity=1.0,
+            price=100.0,
+            fee=0.001,
+            fee_currency="BTC",
+        )
+    )
+    position = portfolio.position(SPOT)
+    assert position.quantity == pytest.approx(0.999)
+    assert position.avg_price == pytest.approx(100.0 / 0.999)
+    assert portfolio.cash == pytest.approx(10_000 - 100.0)
+    assert portfolio.total_fees == pytest.approx(0.1)
+    quote(bus, SPOT, 100.0, half_spread=0.0)
+    assert portfolio.equity() == pytest.approx(10_000 - 0.1)
+    assert abs(portfolio.reconcile()) <= 1e-9
+    fill(bus, SPOT, -0.999, 100.0, fee=0.0999)  # sells pay in USDT
+    assert portfolio.positions == {}
+    assert portfolio.cash == pytest.approx(10_000 - 0.1 - 0.0999)
+    assert abs(portfolio.reconcile()) <= 1e-9
