@@ -218,8 +218,8 @@ class PaperSession:
 
     async def _run_with_store(self, store: Store, var_dir: Path) -> RunSummary:
         settings = self.settings
-        resume = await store.latest_component_states()
-        previous = await store.latest_run()
+        resume = await store.latest_component_states(mode=self.mode)
+        previous = await store.latest_run(mode=self.mode)
         start_ns = (time.time_ns() // NANOS_PER_SECOND) * NANOS_PER_SECOND
         if resume is not None:
             start_ns = max(start_ns, resume["clock"]["now_ns"] + NANOS_PER_SECOND)

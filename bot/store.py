@@ -364,10 +364,14 @@ class Store:
                 await session.scalars(select(RunRecord).order_by(RunRecord.started_at, RunRecord.run_id))
             )
 
-    async def latest_run(self) -> RunRecord | None:
+    async def latest_run(self, mode: str | None = None) -> RunRecord | None:
+        """The newest run, of ``mode`` only when given."""
+        query = select(RunRecord)
+        if mode is not None:
+            query = query.where(RunRecord.mode == mode)
         async with self._sessions() as session:
             return await session.scalar(
-                select(RunRecord).order_by(RunRecord.started_at.desc(), RunRecord.run_id.desc()).limit(1)
+                query.order_by(RunRecord.started_at.desc(), RunRecord.run_id.desc()).limit(1)
             )
 
     # --- checkpoints ---------------------------------------------------------------------------
@@ -385,12 +389,18 @@ class Store:
                 for name, state in states.items()
             )
 
-    async def latest_checkpoint(self) -> Checkpoint | None:
-        """The run that saved a checkpoint last, with the latest state of each of its components."""
-        async with self._sessions() as session:
-            last = await session.scalar(
-                select(ComponentStateRecord).order_by(ComponentStateRecord.id.desc()).limit(1)
+    async def latest_checkpoint(self, mode: str | None = None) -> Checkpoint | None:
+        """The run that saved a checkpoint last (of ``mode`` when given), with each component's latest state.
+
+        A live run must never resume a paper run's books, nor the other way round: the app asks by mode.
+        """
+        query = select(ComponentStateRecord)
+        if mode is not None:
+            query = query.join(RunRecord, RunRecord.run_id == ComponentStateRecord.run_id).where(
+                RunRecord.mode == mode
             )
+        async with self._sessions() as session:
+            last = await session.scalar(query.order_by(ComponentStateRecord.id.desc()).limit(1))
             if last is None:
                 return None
             latest_ids = (
@@ -405,9 +415,9 @@ class Store:
                 run_id=last.run_id, ts=last.ts, states={row.component: row.state for row in rows}
             )
 
-    async def latest_component_states(self) -> dict[str, dict[str, Any]] | None:
-        """What a new run resumes from: the latest checkpoint's states, whichever run saved them."""
-        checkpoint = await self.latest_checkpoint()
+    async def latest_component_states(self, mode: str | None = None) -> dict[str, dict[str, Any]] | None:
+        """What a new run resumes from: the latest checkpoint's states (of a run of ``mode`` when given)."""
+        checkpoint = await self.latest_checkpoint(mode)
         return checkpoint.states if checkpoint is not None else None
 
     # --- rows ----------------------------------------------------------------------------------

@@ -66,10 +66,12 @@ async def store(store_url: str) -> AsyncIterator[Store]:
     await opened.close()
 
 
-async def start(store: Store, run_id: str, parent_run_id: str | None = None) -> list[str]:
+async def start(
+    store: Store, run_id: str, parent_run_id: str | None = None, mode: str = "paper"
+) -> list[str]:
     return await store.start_run(
         run_id,
-        mode="paper",
+        mode=mode,
         seed=7,
         config={"run": {"seed": 7}, "risk": {"max_drawdown": 0.2}},
         policy="trend",
@@ -359,6 +361,21 @@ async def test_latest_checkpoint_wins_per_component_and_across_runs(store: Store
     assert (await store.latest_checkpoint()).run_id == "run-1"  # type: ignore[union-attr]
     await store.save_component_states("run-2", 300, {"portfolio": {"cash": 3.0}, "risk": {"peak": 30.0}})
     assert await store.latest_component_states() == {"portfolio": {"cash": 3.0}, "risk": {"peak": 30.0}}
+
+
+async def test_a_run_resumes_only_a_run_of_its_own_mode(store: Store) -> None:
+    """Live books come from live runs: a paper checkpoint must never become a live portfolio."""
+    await start(store, "paper-1")
+    await store.save_component_states("paper-1", 100, {"portfolio": {"cash": 1.0}})
+    assert await store.latest_component_states(mode="live") is None
+    assert await store.latest_run(mode="live") is None
+    await start(store, "live-1", mode="live")
+    await store.save_component_states("live-1", 200, {"portfolio": {"cash": 2.0}})
+    await start(store, "paper-2", parent_run_id="paper-1")
+    assert await store.latest_component_states(mode="paper") == {"portfolio": {"cash": 1.0}}
+    assert await store.latest_component_states(mode="live") == {"portfolio": {"cash": 2.0}}
+    assert (await store.latest_run(mode="live")).run_id == "live-1"  # type: ignore[union-attr]
+    assert (await store.latest_run()).run_id == "paper-2"  # type: ignore[union-attr]
 
 
 async def test_rows_are_written_only_by_flush_and_all_of_them(store: Store) -> None:
