@@ -67,7 +67,9 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--synthetic-seed", type=int, help="backtest the synthetic market with this seed")
     parser.add_argument("--days", type=positive_float, help="simulated days of a synthetic backtest")
     parser.add_argument("--report", type=Path, help="report folder (default: var/reports/<name>)")
-    parser.add_argument("--model", default="ppo", choices=("ppo",), help="model to train (train mode)")
+    parser.add_argument(
+        "--model", default="ppo", choices=("ppo", "surrogate"), help="model to train (train mode)"
+    )
     parser.add_argument("--timesteps", type=positive_int, help="agent decisions to train on (train mode)")
     parser.add_argument(
         "--source",
@@ -141,6 +143,12 @@ def run_train(args: argparse.Namespace) -> int:
     from backtest.train import TrainConfig, train_main
     from config.settings import ConfigError, load_settings
 
+    if args.model == "surrogate":
+        from models.surrogate import SurrogateConfig, surrogate_main
+
+        defaults = SurrogateConfig()
+        out = args.out or Path("var/models/surrogate")
+        return surrogate_main(out, defaults.n_train, defaults.epochs, args.seed or 0)
     try:
         settings = load_settings(args.config, overrides=settings_overrides(args))
         return train_main(
