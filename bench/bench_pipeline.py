@@ -11,7 +11,9 @@ from the start of ``Engine.feed(event)`` to each ``OrderIntent`` it causes.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from bot.app import build_engine
 from bot.bus import EventBus
 from bot.events import OrderIntent
 from bot.features.engine import build_feature_engine
+from bot.logs import configure_logging
 from bot.state import StateBuilder
 from config.settings import load_settings
 
@@ -29,10 +32,12 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=6.0, help="simulated hours to replay")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    # Errors only: the figures are the engine's, not the console's (paper runs log to a file).
+    configure_logging(Path(tempfile.gettempdir()), "bench", level="ERROR", console=False, json_file=False)
 
     settings = load_settings(overrides={"market": {"seed": args.seed}, "venue": {"seed": args.seed}})
     market = SyntheticMarket(settings.market)
-    end = market.start_ns + int(args.hours * 3600e9)
+    end = settings.market.start_ns + int(args.hours * 3600e9)
     t0 = time.perf_counter()
     events = []
     for event in market.events():
