@@ -197,13 +197,13 @@ async def test_feed_survives_drop_garbage_and_silence_without_losing_or_repeatin
             messages=stream[cut:],
             await_client_messages=1,
             garbage={500: [b"\x00\x01binary", '{"e":"brandNewEvent","E":1}']},
-            pauses={800: 0.6},  # the exchange goes quiet for a while
+            pauses={800: 1.5},  # the exchange goes quiet for a while
         ),
     ]
     received = Received()
     async with ReplayServer(sessions, respond=binance_acks) as ws, HttpReplayServer({}) as http:
         http.routes["/api/v3/depth"] = depth_now(recording, ws)
-        feed = BinanceFeed(feed_config(ws.url, http.url, stale_after_s=0.25), received.queue.put_nowait)
+        feed = BinanceFeed(feed_config(ws.url, http.url, stale_after_s=0.6), received.queue.put_nowait)
         spot = feed.markets["spot"]
         expected_trades = recording.trade_ids()
         await run_feed(feed, received, lambda: len(received.of(Trade)) >= len(expected_trades))

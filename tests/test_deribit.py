@@ -594,7 +594,7 @@ async def test_feed_answers_heartbeats_reconnects_resubscribes_and_loses_no_mark
         Session(
             messages=[TEST_REQUEST, dvol, *tickers[:cut]],
             await_client_messages=4,
-            pauses={12: 0.6},  # silence: STALE, then RECOVERED with the next ticker
+            pauses={12: 1.5},  # silence: STALE, then RECOVERED with the next ticker
             drop_after=2 + cut,
         ),
         # On a new connection the known options are in the first subscribe, so three messages.
@@ -603,7 +603,7 @@ async def test_feed_answers_heartbeats_reconnects_resubscribes_and_loses_no_mark
     ]
     sunk: list[Event] = []
     async with ReplayServer(sessions, respond=deribit_responder(instruments)) as server:
-        feed = DeribitFeed(feed_config(server.url, stale_after_s=0.3), sunk.append)
+        feed = DeribitFeed(feed_config(server.url, stale_after_s=0.6), sunk.append)
         await run_feed(feed, lambda: len([e for e in sunk if isinstance(e, OptionMark)]) == len(tickers))
         await server.wait_for(lambda s: feed.websocket.stats.parse_errors == 1)
         first, second = server.connections
