@@ -1,4 +1,4 @@
-"""volbot command line: ``python main.py --mode {paper,backtest,train,import,study} [options]``.
+"""volbot command line: ``python main.py --mode {paper,live,backtest,train,import,study} [options]``.
 
 Bad arguments and bad configuration print one line and exit with status 2.
 """
@@ -12,6 +12,17 @@ from pathlib import Path
 from typing import NoReturn
 
 MODES = ("paper", "live", "backtest", "train", "import", "study")
+EXAMPLES = """examples:
+  main.py --mode paper                                   paper trading on the embedded synthetic market
+  main.py --mode paper --duration 60 --speed 600         one minute of wall time, ten market hours
+  main.py --mode paper --feed binance --config my.toml   paper trading on Binance's live public data
+  main.py --mode backtest --synthetic-seed 7 --days 2    replay a seeded synthetic market, write a report
+  main.py --mode backtest --events var/journal/RUN.jsonl replay a recorded or imported journal
+  main.py --mode train --model ppo --timesteps 90000     train PPO; then --policy ppo:var/models/ppo.zip
+  main.py --mode train --model surrogate                 train the Heston surrogate pricer
+  main.py --mode import --source tardis-trades:t.csv --journal out.jsonl
+  main.py --mode live --confirm-live --feed binance      real orders (needs live.enabled and env keys)
+"""
 LIVE_OPT_IN = (
     "--mode live sends real orders: it needs --confirm-live, VOLBOT_LIVE__ENABLED=true and the keys in "
     "VOLBOT_LIVE__API_KEY and VOLBOT_LIVE__API_SECRET"
@@ -46,7 +57,12 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> OneLineParser:
-    parser = OneLineParser(prog="main.py", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="main.py",
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--mode", required=True, choices=MODES, help="what to run")
     parser.add_argument("--config", type=Path, help="TOML settings file (default: config/default.toml)")
     parser.add_argument("--db", help="database URL (default: SQLite under var/)")
