@@ -64,6 +64,7 @@ from models.surrogate import (
     SurrogateModel,
     generate_surfaces,
     grid_hash,
+    load_checked,
 )
 
 FORMAT_VERSION = 1
@@ -248,17 +249,7 @@ class InverseModel:
     @classmethod
     def load(cls, path: Path | str) -> InverseModel:
         """Read a saved model; refuses one whose grid differs from the project's (or was tampered with)."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        meta = json.loads(payload["meta"])
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"inverse model format {meta.get('format_version')} != {FORMAT_VERSION}")
-        stored = grid_hash(meta["grid"]["log_moneyness"], meta["grid"]["maturities"])
-        if meta["grid_hash"] != stored:
-            raise ValueError(f"inverse model at {path}: grid hash {meta['grid_hash'][:12]}… does not match "
-                             f"its stored grid ({stored[:12]}…); the file is corrupt or was edited")
-        if meta["grid_hash"] != grid_hash():
-            raise ValueError(f"inverse model at {path} was trained on another grid (hash "
-                             f"{meta['grid_hash'][:12]}…, project grid {grid_hash()[:12]}…); retrain it")
+        payload, meta = load_checked(path, "inverse model", FORMAT_VERSION)
         domain = ParameterDomain.from_dict(meta["domain"])
         config = InverseConfig.from_dict(meta["config"])
         state = payload["state_dict"]

@@ -163,6 +163,30 @@ def grid_hash(log_moneyness: ArrayLike = grid.LOG_MONEYNESS, maturities: ArrayLi
     return digest.hexdigest()
 
 
+def load_checked(path: Path | str, kind: str, format_version: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A saved model's torch payload and metadata, refused unless its format and grid are this project's.
+
+    Shared by every learned model of the Heston lab: the grid hash must match the grid stored beside it
+    (else the file was edited) and the project's grid (else the model learnt another surface layout).
+    """
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    meta = json.loads(payload["meta"])
+    if meta.get("format_version") != format_version:
+        raise ValueError(f"{kind} file format {meta.get('format_version')} != {format_version}")
+    stored = grid_hash(meta["grid"]["log_moneyness"], meta["grid"]["maturities"])
+    if meta["grid_hash"] != stored:
+        raise ValueError(
+            f"{kind} at {path}: its grid hash {meta['grid_hash'][:12]}… does not match its own stored "
+            f"grid ({stored[:12]}…); the file is corrupt or was edited"
+        )
+    if meta["grid_hash"] != grid_hash():
+        raise ValueError(
+            f"{kind} at {path} was trained on another grid (hash {meta['grid_hash'][:12]}…, project "
+            f"grid {grid_hash()[:12]}…); retrain it for models.grid"
+        )
+    return payload, meta
+
+
 # --------------------------------------------------------------------------------------------------
 # Training data
 
@@ -549,7 +573,7 @@ def _lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class _ThreadLimit:
+class ThreadLimit:
     """Temporarily set torch's intra-op threads (restored on exit): reproducible timing and results."""
 
     def __init__(self, threads: int | None) -> None:
@@ -645,21 +669,7 @@ class SurrogateModel:
     @classmethod
     def load(cls, path: Path | str) -> SurrogateModel:
         """Read a saved model; refuses one whose grid differs from this project's grid (or was tampered)."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        meta = json.loads(payload["meta"])
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"surrogate file format {meta.get('format_version')} != {FORMAT_VERSION}")
-        stored = grid_hash(meta["grid"]["log_moneyness"], meta["grid"]["maturities"])
-        if meta["grid_hash"] != stored:
-            raise ValueError(
-                f"surrogate at {path}: its grid hash {meta['grid_hash'][:12]}… does not match its own stored "
-                f"grid ({stored[:12]}…); the file is corrupt or was edited"
-            )
-        if meta["grid_hash"] != grid_hash():
-            raise ValueError(
-                f"surrogate at {path} was trained on another grid (hash {meta['grid_hash'][:12]}…, project "
-                f"grid {grid_hash()[:12]}…); retrain it for models.grid"
-            )
+        payload, meta = load_checked(path, "surrogate", FORMAT_VERSION)
         arrays = {k: v.numpy().astype(np.float64) for k, v in payload["pca"].items()}
         pca = SurfacePCA(arrays["mean"], arrays["scale"], arrays["components"], arrays["singular_values"],
                          arrays["recon_rmse"], bool(meta["pca"]["log"]))
@@ -699,7 +709,7 @@ def train_surrogate(config: SurrogateConfig | None = None, domain: ParameterDoma
     config = config or SurrogateConfig()
     domain = domain or ParameterDomain()
     started = time.perf_counter()
-    with _ThreadLimit(config.num_threads):
+    with ThreadLimit(config.num_threads):
         if train_set is None:
             train_set = generate_surfaces(domain, config.n_train, config.seed, config.sampler,
                                           config.generation_batch, config.cache_dir, config.progress)
@@ -1124,7 +1134,7 @@ def surrogate_main(out: Path, n_train: int, epochs: int, seed: int, n_test: int 
     base = SurrogateConfig(cache_dir=str(out / "data"))
     config = replace(base, n_train=n_train, epochs=epochs, seed=seed, **dict(overrides))
     domain = ParameterDomain()
-    with _ThreadLimit(config.num_threads):
+    with ThreadLimit(config.num_threads):
         model = train_surrogate(config, domain)
         test = generate_surfaces(domain, n_test, seed + 2_000_003, config.sampler, config.generation_batch,
                                  config.cache_dir, config.progress)

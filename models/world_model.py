@@ -53,7 +53,7 @@ from torch import nn
 from models import grid
 from models.heston import iv_surface
 from models.simulation import BULL, CRASH, Regime, generator_matrix, step, transition_matrix
-from models.surrogate import IV_FLOOR, SurfacePCA, grid_hash
+from models.surrogate import IV_FLOOR, SurfacePCA, ThreadLimit, grid_hash, load_checked
 
 FORMAT_VERSION = 1
 DEFAULT_MODEL_DIR = Path("var/models/world_model")
@@ -411,17 +411,7 @@ class WorldModel:
     @classmethod
     def load(cls, path: Path | str) -> WorldModel:
         """Read a saved model; refuses one trained on another grid (or whose grid hash was edited)."""
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-        meta = json.loads(payload["meta"])
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"world model format {meta.get('format_version')} != {FORMAT_VERSION}")
-        stored = grid_hash(meta["grid"]["log_moneyness"], meta["grid"]["maturities"])
-        if meta["grid_hash"] != stored:
-            raise ValueError(f"world model at {path}: grid hash {meta['grid_hash'][:12]}… does not match its "
-                             f"stored grid ({stored[:12]}…); the file is corrupt or was edited")
-        if meta["grid_hash"] != grid_hash():
-            raise ValueError(f"world model at {path} was trained on another grid (hash "
-                             f"{meta['grid_hash'][:12]}…, project grid {grid_hash()[:12]}…); retrain it")
+        payload, meta = load_checked(path, "world model", FORMAT_VERSION)
         config = WorldModelConfig.from_dict(meta["config"])
         vae_state = payload["vae"]
         vae = SurfaceVAE(config.latent_dim, config.channels, config.hidden, vae_state["surface_mean"].numpy(),
@@ -457,20 +447,6 @@ def latent_energy(latents: ArrayLike, mean: ArrayLike, precision: ArrayLike) -> 
 
 # --------------------------------------------------------------------------------------------------
 # Training
-
-
-class _ThreadLimit:
-    """Temporarily set torch's intra-op threads (restored on exit): reproducible timing and results."""
-
-    def __init__(self, threads: int | None) -> None:
-        self.threads, self.previous = threads, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.previous)
 
 
 def _lr(step: int, total: int, base: float) -> float:
@@ -562,7 +538,7 @@ def _frozen(module: nn.Module) -> nn.Module:
 def train_world_model(config: WorldModelConfig | None = None, data: SequenceSet | None = None) -> WorldModel:
     """Generate (or take) training sequences, train the VAE, then the dynamics on its latent means."""
     config = config or WorldModelConfig()
-    with _ThreadLimit(config.num_threads):
+    with ThreadLimit(config.num_threads):
         torch.manual_seed(config.seed)
         started = time.perf_counter()
         if data is None:
@@ -705,7 +681,7 @@ def _pca_gru_forecast(config: WorldModelConfig, pca: SurfacePCA, train: Sequence
     def decode(c: torch.Tensor) -> torch.Tensor:
         return c @ components
 
-    with _ThreadLimit(config.num_threads):
+    with ThreadLimit(config.num_threads):
         dynamics = _train_dynamics(config, coeffs.reshape(n, steps, -1), decode,
                                    std.reshape(n, steps, -1), [], math.inf, stage=2.0)
     test_coeffs = pca.encode(surfaces.reshape(-1, *grid.SHAPE)).reshape(*surfaces.shape[:2], -1)
@@ -812,7 +788,7 @@ def world_model_main(out: Path = DEFAULT_MODEL_DIR, seed: int = 0,
     test = surface_sequences(config.n_test_paths, config.steps, config.dt, config.seed + 1_000_003,
                              cache_dir=config.cache_dir)
     model = train_world_model(config, train)
-    with _ThreadLimit(config.num_threads):
+    with ThreadLimit(config.num_threads):
         t0 = time.perf_counter()
         metrics = evaluate_world_model(model, test, train)
         metrics["evaluation_seconds"] = time.perf_counter() - t0
