@@ -64,6 +64,7 @@ from models.surrogate import (
     SurrogateModel,
     generate_surfaces,
     grid_hash,
+    grid_meta,
     load_checked,
 )
 
@@ -236,8 +237,7 @@ class InverseModel:
         meta = {
             "format_version": FORMAT_VERSION,
             "domain": self.domain.to_dict(),
-            "grid": {"log_moneyness": grid.LOG_MONEYNESS.tolist(), "maturities": grid.MATURITIES.tolist()},
-            "grid_hash": grid_hash(),
+            **grid_meta(),
             "config": asdict(self.config),
             "metrics": self.metrics,
             "history": self.history,

@@ -163,6 +163,12 @@ def grid_hash(log_moneyness: ArrayLike = grid.LOG_MONEYNESS, maturities: ArrayLi
     return digest.hexdigest()
 
 
+def grid_meta() -> dict[str, Any]:
+    """The project grid and its hash, as every saved model records them for :func:`load_checked`."""
+    layout = {"log_moneyness": grid.LOG_MONEYNESS.tolist(), "maturities": grid.MATURITIES.tolist()}
+    return {"grid": layout, "grid_hash": grid_hash()}
+
+
 def load_checked(path: Path | str, kind: str, format_version: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """A saved model's torch payload and metadata, refused unless its format and grid are this project's.
 
@@ -650,8 +656,7 @@ class SurrogateModel:
         meta = {
             "format_version": FORMAT_VERSION,
             "domain": self.domain.to_dict(),
-            "grid": {"log_moneyness": grid.LOG_MONEYNESS.tolist(), "maturities": grid.MATURITIES.tolist()},
-            "grid_hash": grid_hash(),
+            **grid_meta(),
             "config": asdict(self.config),
             "pca": {"n_components": self.pca.n_components, "log": self.pca.log},
             "metrics": self.metrics,

@@ -53,7 +53,7 @@ from torch import nn
 from models import grid
 from models.heston import iv_surface
 from models.simulation import BULL, CRASH, Regime, generator_matrix, step, transition_matrix
-from models.surrogate import IV_FLOOR, SurfacePCA, ThreadLimit, grid_hash, load_checked
+from models.surrogate import IV_FLOOR, SurfacePCA, ThreadLimit, grid_hash, grid_meta, load_checked
 
 FORMAT_VERSION = 1
 DEFAULT_MODEL_DIR = Path("var/models/world_model")
@@ -399,8 +399,7 @@ class WorldModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format_version": FORMAT_VERSION,
-            "grid": {"log_moneyness": grid.LOG_MONEYNESS.tolist(), "maturities": grid.MATURITIES.tolist()},
-            "grid_hash": grid_hash(), "config": asdict(self.config),
+            **grid_meta(), "config": asdict(self.config),
             "latent_mean": self.latent_mean.tolist(), "latent_precision": self.latent_precision.tolist(),
             "centroids": self.centroids, "metrics": self.metrics, "history": self.history, "info": self.info,
         }
