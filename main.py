@@ -21,6 +21,7 @@ EXAMPLES = """examples:
   main.py --mode train --model ppo --timesteps 90000     train PPO; then --policy ppo:var/models/ppo.zip
   main.py --mode train --model surrogate                 train the Heston surrogate pricer (then inverse)
   main.py --mode train --model world                     train the volatility world model (VAE + GRU)
+  main.py --mode train --model regime                    train the crash-regime detector (SSM vs GRU)
   main.py --mode import --source tardis-trades:t.csv --journal out.jsonl
   main.py --mode live --confirm-live --feed binance      real orders (needs live.enabled and env keys)
 """
@@ -87,7 +88,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument(
         "--model",
         default="ppo",
-        choices=("ppo", "surrogate", "inverse", "world"),
+        choices=("ppo", "surrogate", "inverse", "world", "world-model", "regime"),
         help="model to train (train mode)",
     )
     parser.add_argument("--timesteps", type=positive_int, help="agent decisions to train on (train mode)")
@@ -175,10 +176,14 @@ def run_train(args: argparse.Namespace) -> int:
         inverse_defaults = InverseConfig()
         out = args.out or Path("var/models/inverse")
         return inverse_main(out, inverse_defaults.n_train, inverse_defaults.epochs, args.seed or 0)
-    if args.model == "world":
+    if args.model in ("world", "world-model"):
         from models.world_model import world_model_main
 
         return world_model_main(args.out or Path("var/models/world_model"), args.seed or 0)
+    if args.model == "regime":
+        from models.regime import regime_main
+
+        return regime_main(args.out or Path("var/models/regime"), args.seed or 0)
     try:
         settings = load_settings(args.config, overrides=settings_overrides(args))
         return train_main(

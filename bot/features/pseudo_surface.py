@@ -110,12 +110,24 @@ class PseudoSurfaceFeatures(FeatureModule):
         if mine and event.bid > 0.0 and event.ask > 0.0:
             self._prices.add(event.ts_recv, event.mid)
 
-    def compute(self, now_ns: int) -> dict[str, float]:
+    def moments(self, now_ns: int) -> np.ndarray:
+        """The pseudo surface itself: (window, moment) in config window order, moments as in the names.
+
+        Public so that a model reading the surface (the ``heston`` module) owns no second copy of it.
+        """
         config = self.config
         step_ns = config.return_step_s * NANOS_PER_SECOND
-        values: list[float] = []
-        for window in config.windows_s:
-            returns = self._prices.log_returns(now_ns, window * NANOS_PER_SECOND, step_ns)
-            values.extend(return_moments(returns, config.return_step_s, config.min_returns))
-        values.append(min(self._prices.known_span_s(now_ns), float(max(config.windows_s))))
+        rows = [
+            return_moments(
+                self._prices.log_returns(now_ns, window * NANOS_PER_SECOND, step_ns),
+                config.return_step_s,
+                config.min_returns,
+            )
+            for window in config.windows_s
+        ]
+        return np.array(rows, dtype=np.float64)
+
+    def compute(self, now_ns: int) -> dict[str, float]:
+        values = [float(v) for v in self.moments(now_ns).reshape(-1)]
+        values.append(min(self._prices.known_span_s(now_ns), float(max(self.config.windows_s))))
         return dict(zip(self._names, values, strict=True))
