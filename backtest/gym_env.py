@@ -94,6 +94,9 @@ class EnvConfig(BaseModel):
     journal: Path | None = Field(None, description="replay this journal instead of the synthetic market")
     window_start_ns: int | None = Field(None, description="journal events before this time are not used")
     window_end_ns: int | None = Field(None, description="journal events after this time are not used")
+    instruments: list[str] | None = Field(
+        None, min_length=1, description="traded instruments in action order; None: the trend policy's"
+    )
     max_exposure: float = Field(1.0, gt=0, le=1, description="target exposure of an action of ±1")
     ruin_fraction: float = Field(0.5, gt=0, lt=1, description="equity at or below this × initial cash ends")
     flatten: bool = Field(True, description="observations as one vector (MLP policies) or [window, dim]")
@@ -143,8 +146,8 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     ``policy`` becomes the engine's policy: it names the traded instruments (the action's
     order) and answers the warm-up decisions. Default: an :class:`ExternalPolicy` trading
-    the trend policy's instruments. ``instruments`` are the specs of the replayed market
-    (default: the synthetic market's).
+    the config's ``instruments`` (else the trend policy's). ``instruments`` are the specs of
+    the replayed market (default: the synthetic market's).
     """
 
     metadata: ClassVar[dict[str, Any]] = {"render_modes": []}
@@ -160,7 +163,8 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
         self.settings = settings
         self.config = config if config is not None else EnvConfig()
         if policy is None:
-            policy = ExternalPolicy([spec.instrument for spec in settings.trend.instruments])
+            traded = self.config.instruments or [spec.instrument for spec in settings.trend.instruments]
+            policy = ExternalPolicy(traded)
         self.policy = policy
         self.instruments: tuple[str, ...] = tuple(policy.instruments)
         self._specs = list(instruments) if instruments is not None else default_instruments()

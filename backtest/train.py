@@ -21,10 +21,13 @@
 policy through the backtester (:func:`backtest.engine.run_backtest`, the deployment path)
 on held-out synthetic seeds, by Sharpe ratio.
 
-The training world compresses the synthetic market's regime switching
-(:data:`TRAINING_WORLD`): with the default rates a crash comes every three months, so
-episodes of hours would almost never see one. Market settings do not enter the
-observation schema, so the agent runs on any world.
+The training world (:data:`TRAINING_WORLD`) is the default synthetic market — its regimes,
+drifts, basis and funding — sampled every 5 minutes instead of every second, with trades
+and option surfaces thinned to match. The agent decides every 8 hours and an episode is 30 days,
+long enough to hold a carry position across 90 funding payments and to meet a crash in
+about a quarter of the episodes; at 1-second steps that much simulated time would cost ~30×
+more replay. Market settings do not enter the observation schema, so the agent runs on any
+world; the decision interval does, so it runs at the interval it was trained with.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv, VecMonitor
 
 from backtest.gym_env import EnvConfig, SeedRange, TradingEnv
+from backtest.reward import RewardConfig
 from bot.journal import read_events
 from config.settings import Settings, load_settings
 from strategies.base import Policy, load_policy
@@ -66,8 +70,11 @@ from strategies.ppo import (
 )
 
 NANOS_PER_SECOND = 1_000_000_000
-# Bull spells of ~12 h and crashes of ~6 h on average (rates per year of leaving each regime).
-TRAINING_WORLD: dict[str, Any] = {"switch_intensity_per_year": [730.0, 1460.0]}
+# The default market at 5-minute steps, one trade per instrument per ~8 min, a surface every 15 min
+# (the surface features' freshness limit, so every decision sees the option market).
+TRAINING_WORLD: dict[str, Any] = {"step_s": 300.0, "trade_rate_per_s": 0.002, "surface_interval_s": 900.0}
+# The agent's instruments: BTC spot and perpetual, so it can hold spot against the perp (carry).
+TRAINING_INSTRUMENTS = ["SYNTH:BTCUSDT", "SYNTH:BTCUSDT-PERP"]
 # The headline's seeds: never in a training or validation pool (TrainConfig checks).
 TEST_SEEDS = SeedRange(start=900_000, count=20)
 
@@ -78,10 +85,10 @@ class PPOConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     learning_rate: float = Field(3e-4, gt=0)
-    n_steps: int = Field(720, ge=8, description="steps per environment between updates")
-    batch_size: int = Field(240, ge=2)
+    n_steps: int = Field(180, ge=8, description="steps per environment between updates (two episodes)")
+    batch_size: int = Field(90, ge=2)
     n_epochs: int = Field(10, ge=1)
-    gamma: float = Field(0.99, gt=0, le=1, description="0.99: a horizon of ~100 decisions")
+    gamma: float = Field(0.97, gt=0, le=1, description="0.97: a horizon of ~33 decisions (11 days)")
     gae_lambda: float = Field(0.95, gt=0, le=1)
     clip_range: float = Field(0.2, gt=0)
     ent_coef: float = Field(0.0, ge=0)
@@ -103,8 +110,22 @@ class WalkForwardConfig(BaseModel):
 
 
 def default_training_env() -> EnvConfig:
-    """6-hour episodes after a 1-hour warm-up, ±0.2 of equity per instrument, starts spread over 30 min."""
-    return EnvConfig(episode_decisions=360, warmup_decisions=60, max_exposure=0.2, max_start_offset_s=1800.0)
+    """30 days of decisions every 8 hours (one per funding payment) after a 3-day warm-up.
+
+    ±0.5 of equity in BTC spot and perp; starts spread over one funding interval. The reward
+    penalises variance (volatility target near zero) rather than steering to a volatility
+    level, so a hedged position that earns little but steadily is preferred to an outright
+    one that earns as much.
+    """
+    return EnvConfig(
+        episode_decisions=90,
+        warmup_decisions=9,
+        decision_interval_s=28_800.0,
+        instruments=list(TRAINING_INSTRUMENTS),
+        max_exposure=0.5,
+        max_start_offset_s=28_800.0,
+        reward=RewardConfig(target_vol=0.01, vol_penalty=10.0),
+    )
 
 
 class TrainConfig(BaseModel):
@@ -113,7 +134,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     timesteps: int = Field(
-        90_000, ge=1, description="agent decisions to train on, over all environments (~30 min on 2 cores)"
+        20_000, ge=1, description="agent decisions to train on, over all environments (~25 min on 2 cores)"
     )
     seed: int = Field(0, ge=0, description="seed of torch, SB3, PPO and the environments' episode draws")
     n_envs: int = Field(2, ge=1, description="environments, each in its own process when more than one")
@@ -122,7 +143,7 @@ class TrainConfig(BaseModel):
         default_factory=lambda: dict(TRAINING_WORLD), description="overrides of the market settings"
     )
     validation_seeds: SeedRange = Field(default_factory=lambda: SeedRange(start=500_000, count=4))
-    eval_every_steps: int = Field(30_000, ge=1)
+    eval_every_steps: int = Field(5_000, ge=1)
     events: Path | None = Field(None, description="train on this journal (walk-forward) instead of synthetic")
     walk_forward: WalkForwardConfig = Field(default_factory=WalkForwardConfig)
     out: Path = Field(Path("var/models/ppo.zip"), description="the best model; metadata beside it")
@@ -173,14 +194,26 @@ def quiet_logging(level: int = logging.ERROR) -> None:
 # --- environments ---------------------------------------------------------------------------------
 
 
+def world_settings(settings: Settings, world: dict[str, Any], decision_interval_s: float | None) -> Settings:
+    """``settings`` in a synthetic ``world`` (market overrides), deciding every ``decision_interval_s``.
+
+    The risk engine refuses orders on data older than ``stale_after_s``; in a world that
+    quotes every ``step_s`` that must allow for one step in flight, so it becomes at least
+    two steps.
+    """
+    market = type(settings.market).model_validate({**settings.market.model_dump(), **world})
+    run = settings.run
+    if decision_interval_s is not None:
+        run = run.model_copy(update={"decision_interval_s": decision_interval_s})
+    risk = settings.risk.model_copy(
+        update={"stale_after_s": max(settings.risk.stale_after_s, 2.0 * market.step_s)}
+    )
+    return settings.model_copy(update={"market": market, "run": run, "risk": risk})
+
+
 def training_settings(settings: Settings, config: TrainConfig) -> Settings:
     """``settings`` in the training world, with the environment's decision interval."""
-    market = settings.market.model_copy(update=config.world)
-    market = type(market).model_validate(market.model_dump())
-    run = settings.run
-    if config.env.decision_interval_s is not None:
-        run = run.model_copy(update={"decision_interval_s": config.env.decision_interval_s})
-    return settings.model_copy(update={"market": market, "run": run})
+    return world_settings(settings, config.world, config.env.decision_interval_s)
 
 
 def walk_forward_windows(journal: Path, config: WalkForwardConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -543,18 +576,21 @@ def evaluate_policies(
     settings: Settings,
     model_path: Path,
     seeds: Sequence[int] = TEST_SEEDS.seeds(),
-    days: float = 0.5,
+    days: float = 30.0,
     workers: int = 2,
     world: dict[str, Any] | None = None,
 ) -> PolicyComparison:
     """PPO (``ppo:model_path``) vs buy-and-hold vs trend, by Sharpe, through the backtester on each seed.
 
     Each seed replays ``days`` of the synthetic market in ``world`` (default: the training
-    world) from its start, venue seeded like the market; the PPO policy is loaded through the
-    policy registry with its schema check, exactly as a paper or live run would load it.
+    world) from its start, venue seeded like the market, every policy deciding at the
+    model's decision interval; the PPO policy is loaded through the policy registry with its
+    schema check, exactly as a paper or live run would load it.
     """
-    market = settings.market.model_copy(update=TRAINING_WORLD if world is None else world)
-    settings = settings.model_copy(update={"market": type(market).model_validate(market.model_dump())})
+    trained = json.loads(metadata_path(model_path).read_text())["observation_schema"]
+    settings = world_settings(
+        settings, TRAINING_WORLD if world is None else world, trained["decision_interval_s"]
+    )
     tasks = [
         (
             settings.model_copy(update={"venue": settings.venue.model_copy(update={"seed": seed})}),
@@ -586,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate = commands.add_parser("evaluate", help="PPO vs buy-and-hold vs trend on held-out seeds")
     evaluate.add_argument("--model", type=Path, required=True)
     evaluate.add_argument("--seeds", type=int, default=TEST_SEEDS.count, help="first N test seeds")
-    evaluate.add_argument("--days", type=float, default=0.5)
+    evaluate.add_argument("--days", type=float, default=30.0)
     evaluate.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     settings = load_settings(args.config)

@@ -83,6 +83,7 @@ class Engine:
         self.risk.load_state_dict(states["risk"])
         self.orders.load_state_dict(states["orders"])
         self.state_builder.load_state_dict(states["state_builder"])
+        self.portfolio.publish_positions(int(states["clock"]["now_ns"]))
         if self.venue is not None:
             positions = {p.instrument: p.quantity for p in self.portfolio.positions.values()}
             self.venue.restore_positions(positions)

@@ -356,6 +356,23 @@ class Portfolio:
             "portfolio_restored", cash=self._cash, positions={i: p.quantity for i, p in positions.items()}
         )
 
+    def publish_positions(self, ts_ns: int) -> None:
+        """Announce every held position on the bus, so subscribers that track positions (the
+        ``position`` feature module, the store) know a resumed book without waiting for a fill."""
+        for instrument, position in self._positions.items():
+            mark = self.mark(instrument)
+            self._bus.publish(
+                PositionUpdate(
+                    ts_event=ts_ns,
+                    ts_recv=ts_ns,
+                    instrument=instrument,
+                    quantity=position.quantity,
+                    avg_price=position.avg_price,
+                    realized_pnl=position.realized_pnl,
+                    unrealized_pnl=_unrealized(position, position.avg_price if mark is None else mark),
+                )
+            )
+
 
 def _unrealized(position: Position, price: float) -> float:
     return position.quantity * (price - position.avg_price)

@@ -93,14 +93,14 @@ class RiskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_position_notional: float = Field(
-        100_000.0, gt=0, description="default cap on |qty·mark| per instrument"
+        150_000.0, gt=0, description="default cap on |qty·mark| per instrument"
     )
     position_notional_limits: dict[str, float] = Field(
         default_factory=dict, description="per-instrument overrides of max_position_notional"
     )
     max_gross_exposure: float = Field(1.5, gt=0, description="Σ|notional| / equity after the order")
     max_leverage: float = Field(1.0, gt=0, description="Σ|perp notional| / equity after the order")
-    max_order_notional: float = Field(100_000.0, gt=0)
+    max_order_notional: float = Field(150_000.0, gt=0)
     price_band: float = Field(0.02, gt=0, lt=1, description="max |price / mark − 1| of the expected fill")
     max_orders_per_window: int = Field(20, ge=1)
     rate_window_s: float = Field(10.0, gt=0)

@@ -372,7 +372,7 @@ def test_default_feature_order_is_modules_in_config_order_each_in_declared_order
     assert names[: len(engine.feature_names)] == engine.feature_names
     assert names[0] == "market.SYNTH:BTCUSDT.ret_1m"
     modules = [name.split(".", 1)[0] for name in names]
-    assert modules == sorted(modules, key=["market", "surface", "pseudo_surface"].index)
+    assert modules == sorted(modules, key=["market", "surface", "pseudo_surface", "position"].index)
     assert len(set(names)) == len(names) == default.dim
     assert default.schema()["feature_names"] == list(names)
 
@@ -407,6 +407,7 @@ def test_schema_hash_changes_with_module_config_and_order() -> None:
             FeatureModuleSpec(name="market", params={"bucket_s": 5}),
             FeatureModuleSpec(name="surface"),
             FeatureModuleSpec(name="pseudo_surface"),
+            FeatureModuleSpec(name="position"),
         ]
     )
     assert build_feature_engine(EventBus(), explicit_defaults).schema_hash() == default
@@ -629,7 +630,7 @@ def test_duration_labels() -> None:
 def test_schema_is_json_with_module_configs() -> None:
     engine = build_feature_engine(EventBus())
     schema = json.loads(json.dumps(engine.schema()))
-    assert [m["name"] for m in schema["modules"]] == ["market", "surface", "pseudo_surface"]
+    assert [m["name"] for m in schema["modules"]] == ["market", "surface", "pseudo_surface", "position"]
     assert schema["modules"][1]["config"]["underlying"] == "BTC"
     canonical = json.dumps(schema, sort_keys=True, separators=(",", ":"))
     assert hashlib.sha256(canonical.encode()).hexdigest() == engine.schema_hash()

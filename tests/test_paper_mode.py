@@ -48,6 +48,19 @@ def main_args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
+def wait_for_first_fill(log_dir: Path, process: subprocess.Popen[str], timeout_s: float = 120.0) -> None:
+    """Block until the run's JSON log records a fill: start-up time varies with machine load."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the paper run exited before its first fill"
+        for log_file in log_dir.glob("*.jsonl"):
+            complete = log_file.read_text().splitlines(keepends=True)
+            if any(line.endswith("\n") and json.loads(line).get("event") == "fill" for line in complete):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"no fill logged within {timeout_s} s")
+
+
 def run_main(tmp_path: Path, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         main_args(tmp_path, *extra),
@@ -166,7 +179,8 @@ def test_sigterm_loses_nothing_and_next_run_resumes(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(12)
+    wait_for_first_fill(tmp_path / "logs", process)
+    time.sleep(2)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr[-3000:]

@@ -18,6 +18,7 @@ from adapters.synthetic import SyntheticMarket
 from backtest.engine import run_backtest
 from backtest.gym_env import EnvConfig, SeedRange, TradingEnv
 from backtest.train import (
+    TRAINING_WORLD,
     PolicyComparison,
     PPOConfig,
     TrainConfig,
@@ -28,6 +29,7 @@ from backtest.train import (
     train_main,
     train_ppo,
     walk_forward_windows,
+    world_settings,
 )
 from bot.journal import JournalWriter
 from config.settings import Settings, load_settings
@@ -81,7 +83,7 @@ def test_training_saves_best_and_last_models_with_metadata(settings: Settings, t
     assert metadata["observation_schema_hash"] == schema_hash(schema)
     assert metadata["feature_schema_hash"] == schema["feature_schema_hash"]
     assert metadata["observation_schema"]["window"] == settings.state.window
-    assert metadata["settings"]["market"]["switch_intensity_per_year"] == [730.0, 1460.0]
+    assert metadata["settings"]["market"]["step_s"] == TRAINING_WORLD["step_s"]
     assert "password" not in json.dumps(metadata["settings"]["store"])
     assert len(metadata["training"]["validation_sharpe"]) == 1
     assert metadata["train"]["seed"] == 0 and metadata["training"]["timesteps"] in (16, 32)
@@ -217,14 +219,12 @@ def test_policy_comparison_statistics_and_wins() -> None:
 def test_evaluate_policies_scores_ppo_hold_and_trend_through_the_backtester(
     settings: Settings, trained: Path
 ) -> None:
-    days = 1 / 48
+    days = 1 / 4
     comparison = evaluate_policies(settings, trained, seeds=[900_000], days=days, workers=1)
     assert set(comparison.sharpe) == {"ppo", "hold", "trend"}
-    world = settings.market.model_copy(update={"switch_intensity_per_year": [730.0, 1460.0]})
+    world = world_settings(settings, TRAINING_WORLD, settings.run.decision_interval_s)
     direct = run_backtest(
-        settings.model_copy(
-            update={"market": world, "venue": settings.venue.model_copy(update={"seed": 900_000})}
-        ),
+        world.model_copy(update={"venue": settings.venue.model_copy(update={"seed": 900_000})}),
         synthetic_seed=900_000,
         days=days,
         policy="trend",

@@ -53,6 +53,7 @@ class FeatureEngineConfig(BaseModel):
             FeatureModuleSpec(name="market"),
             FeatureModuleSpec(name="surface"),
             FeatureModuleSpec(name="pseudo_surface"),
+            FeatureModuleSpec(name="position"),
         ],
         min_length=1,
     )
