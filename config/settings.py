@@ -46,6 +46,7 @@ from bot.orders import OrderManagerConfig
 from bot.risk import RiskConfig
 from bot.state import StateBuilderConfig
 from bot.store import DEFAULT_URL, async_database_url
+from strategies.hedger import HedgerConfig
 from strategies.hold import HoldPolicyConfig
 from strategies.trend import TrendPolicyConfig
 
@@ -175,6 +176,7 @@ class Settings(BaseSettings):
     binance: BinanceFeedConfig = Field(default_factory=BinanceFeedConfig)
     deribit: DeribitFeedConfig = Field(default_factory=DeribitFeedConfig)
     live: LiveConfig = Field(default_factory=LiveConfig)
+    hedger: HedgerConfig = Field(default_factory=HedgerConfig)
 
     @classmethod
     def settings_customise_sources(
