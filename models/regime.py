@@ -20,6 +20,14 @@ honestly (issue 6, item 6).
   fine-tuning data and the bot's feature module alike (``CloseSampler`` turns ticks into 5-minute closes),
   so the bot sees exactly what the model was trained on. Inputs are standardised with the training mean
   and deviation, stored with the weights.
+* **Implied vol** (``RegimeConfig.features``; default ``IV_FEATURES``, ``FEATURES`` for prices only, which
+  is also what a saved model without the option reads). ``log_atm_iv``: the log ATM (ln K/F = 0) implied
+  vol at the bar's close at the grid tenor nearest ``iv_tenor_days`` (30 days), priced as the synthetic
+  market prices its surface (``atm_iv``: ``models.heston.iv_surface`` batched over all bars, the bar's
+  regime's parameters, the path's variance at the close as v0; the crash-entry jump is in the variance
+  from the bar after the switch on). The bot reads the same node from the latest ``IVSurface`` received
+  before the bar ended (``bot/features/regime.py``). The ``IV rule`` baseline is the vol rule on the
+  implied variance IV² (windows from one bar), fitted the same way.
 * **Online use.** A network is trained on ``window``-bar slices from a zero state, so it is only ever run
   that way: the probability at bar ``i`` (bars counted from the epoch in the bot, from the path start in
   the simulation) is the last output of a run over bars ``[s − context, i]`` with ``s`` the start of i's
@@ -66,6 +74,8 @@ from numpy.typing import ArrayLike
 from torch import nn
 from tqdm.auto import tqdm
 
+from models import grid
+from models.heston import iv_surface
 from models.simulation import BULL, CRASH, Regime, generator_matrix, step, transition_matrix
 from models.surrogate import ThreadLimit, grid_meta, load_checked
 
@@ -75,7 +85,12 @@ MODEL_FILE = "regime.pt"
 GRU_FILE = "regime_gru.pt"
 REPORT_DIR = "report"
 PLOT_FILE = "regime.png"
-FEATURES: tuple[str, ...] = ("ret", "log_rv")
+FEATURES: tuple[str, ...] = ("ret", "log_rv")  # the price features (``bar_features``); models before IV
+IV_FEATURE = "log_atm_iv"
+IV_FEATURES: tuple[str, ...] = (*FEATURES, IV_FEATURE)
+KNOWN_FEATURES = frozenset(IV_FEATURES)
+# Variance floor of the IV pricing, as the synthetic market's ``regime_params`` (QE can reach zero exactly).
+V_FLOOR = 1e-12
 SECONDS_PER_YEAR = 365.0 * 24.0 * 3600.0
 NANOS_PER_SECOND = 1_000_000_000
 # Floor of the annualised realised variance inside log_rv (0.1 % vol): a bar without price moves stays finite.
@@ -193,20 +208,63 @@ def closes_from_journal(path: Path | str, instrument: str, sub_s: int = 300,
     return closes_from_events(read_events(path), instrument, sub_s, source)
 
 
+def iv_maturity(tenor_days: float) -> float:
+    """The project grid's maturity (years) nearest ``tenor_days``: the surface node the IV feature reads."""
+    return float(grid.MATURITIES[int(np.argmin(np.abs(grid.TENOR_DAYS - tenor_days)))])
+
+
+def atm_iv(regime: ArrayLike, variance: ArrayLike, maturity: float,
+           regimes: tuple[Regime, ...] = REGIMES, chunk: int = 65_536) -> np.ndarray:
+    """ATM (ln K/F = 0) implied vol at ``maturity`` as the synthetic market prices its surface.
+
+    ``models.heston.iv_surface`` with the parameters of ``regimes[regime]`` and the spot variance as v0
+    (floored at ``V_FLOOR``, as ``SyntheticMarket.regime_params``), batched over any shape of inputs.
+    """
+    r, v = np.broadcast_arrays(np.asarray(regime, dtype=np.int64), np.asarray(variance, dtype=np.float64))
+    table = np.array([[g.params.kappa, g.params.theta, g.params.sigma, g.params.rho] for g in regimes])
+    params = np.column_stack([table[r.ravel()], np.maximum(v.ravel(), V_FLOOR)])
+    out = np.empty(params.shape[0])
+    for lo in range(0, params.shape[0], chunk):
+        out[lo : lo + chunk] = iv_surface(params[lo : lo + chunk], log_moneyness=np.zeros(1),
+                                          maturities=np.array([maturity]))[:, 0, 0]
+    if not (np.isfinite(out).all() and (out > 0.0).all()):
+        raise ValueError("ATM IV pricing gave a non-positive or non-finite vol")
+    return out.reshape(r.shape)
+
+
 @dataclass
 class RegimeData:
-    """Raw bar features (n_paths, n_bars, 2), realised variance and exact labels (n_paths, n_bars)."""
+    """Raw bar features (n_paths, n_bars, 2), realised variance and exact labels (n_paths, n_bars).
+
+    ``atm_iv`` (n_paths, n_bars): the ATM implied vol at each bar's close when simulated with IV.
+    """
 
     features: np.ndarray
     rv: np.ndarray
     labels: np.ndarray
     seconds: float
+    atm_iv: np.ndarray | None = None
+
+    def inputs(self, names: Iterable[str]) -> np.ndarray:
+        """Raw model inputs (n_paths, n_bars, F) in the order of ``names``."""
+        columns = {"ret": self.features[..., 0], "log_rv": self.features[..., 1]}
+        if self.atm_iv is not None:
+            columns[IV_FEATURE] = np.log(self.atm_iv)
+        missing = [n for n in names if n not in columns]
+        if missing:
+            raise ValueError(f"features {missing} were not simulated (regime_paths(..., iv_tenor_days=...))")
+        return np.stack([columns[n] for n in names], axis=-1)
 
 
 def regime_paths(n_paths: int, n_bars: int, seed: int, leave_rates: tuple[float, float] = (12.0, 26.0),
                  entry_variance: float | None = CRASH.params.theta, bar_s: int = 3600,
-                 sub_s: int = 300) -> RegimeData:
-    """Seeded bull/crash paths of the synthetic market's physics, as hourly bar features with exact labels."""
+                 sub_s: int = 300, iv_tenor_days: float | None = None) -> RegimeData:
+    """Seeded bull/crash paths of the synthetic market's physics, as hourly bar features with exact labels.
+
+    With ``iv_tenor_days`` also the ATM IV at each bar's close (``atm_iv`` at the grid tenor nearest it):
+    the bar's regime (its label) and the variance at the close, before a crash-entry jump at that instant
+    (the jump belongs to the next bar's regime). The random draws are the same with or without IV.
+    """
     if n_paths < 1 or n_bars < 1 or bar_s % sub_s:
         raise ValueError("need n_paths ≥ 1, n_bars ≥ 1 and bar_s a multiple of sub_s")
     started = time.perf_counter()
@@ -220,6 +278,7 @@ def regime_paths(n_paths: int, n_bars: int, seed: int, leave_rates: tuple[float,
     log_s = np.zeros(n_paths)
     log_closes = np.zeros((n_paths, n_bars * m + 1))
     labels = np.empty((n_paths, n_bars), dtype=np.int64)
+    v_close = np.empty((n_paths, n_bars))
     for k in range(n_bars * m):
         if k % m == m - 1:
             labels[:, k // m] = state
@@ -231,6 +290,8 @@ def regime_paths(n_paths: int, n_bars: int, seed: int, leave_rates: tuple[float,
                 log_s[paths], v[paths] = step(log_s[paths], v[paths], regime.params, regime.mu, dt,
                                               z[0, paths], z[1, paths])
         v = np.maximum(v, 0.0)
+        if k % m == m - 1:
+            v_close[:, k // m] = v
         new_state = (uniforms[:, None] >= cumulative[state, :-1]).sum(axis=1)
         if entry_variance is not None:
             entered = (new_state == 1) & (state == 0)
@@ -238,7 +299,8 @@ def regime_paths(n_paths: int, n_bars: int, seed: int, leave_rates: tuple[float,
         state = new_state
         log_closes[:, k + 1] = log_s
     features, rv = bar_features(np.exp(log_closes), m, bar_s)
-    return RegimeData(features, rv, labels, time.perf_counter() - started)
+    iv = None if iv_tenor_days is None else atm_iv(labels, v_close, iv_maturity(iv_tenor_days))
+    return RegimeData(features, rv, labels, time.perf_counter() - started, iv)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,17 +441,32 @@ class RegimeConfig:
     num_threads: int = 1
     max_seconds: float | None = 150.0  # per network
     progress: bool = True
+    features: tuple[str, ...] = IV_FEATURES  # model inputs, in order; FEATURES: prices only
+    iv_tenor_days: float = 30.0  # the IV feature's tenor (the grid's nearest: iv_maturity)
+
+    def __post_init__(self) -> None:
+        if not self.features or len(set(self.features)) != len(self.features) or (
+            set(self.features) - KNOWN_FEATURES
+        ):
+            raise ValueError(f"features must be distinct names from {sorted(KNOWN_FEATURES)}, "
+                             f"got {self.features}")
+
+    @property
+    def uses_iv(self) -> bool:
+        return IV_FEATURE in self.features
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RegimeConfig:
-        """Inverse of ``asdict`` (tuples restored, unknown keys ignored)."""
+        """Inverse of ``asdict`` (tuples restored, unknown keys ignored; no ``features``: a pre-IV model)."""
         known = {f.name for f in fields(cls)}
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        values.setdefault("features", FEATURES)
         return cls(**values)
 
 
-def build_network(kind: Kind, config: RegimeConfig, n_features: int = len(FEATURES)) -> nn.Module:
+def build_network(kind: Kind, config: RegimeConfig, n_features: int | None = None) -> nn.Module:
     """The SSM of ``config``, or the GRU baseline sized to match it."""
+    n_features = len(config.features) if n_features is None else n_features
     ssm = RegimeSSM(n_features, config.d_model, config.d_state, config.expand, config.n_layers,
                     config.conv_kernel, config.dt_rank)
     if kind == "ssm":
@@ -449,24 +526,26 @@ class RegimeDetector:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    iv_rule: VolRule | None = None  # on the ATM implied variance (IV²), when the model reads IV
 
     @property
     def features(self) -> tuple[str, ...]:
-        return FEATURES
+        return self.config.features
 
     def standardise(self, window: ArrayLike) -> torch.Tensor:
         """Raw features (..., T, F) → standardised float32 tensor (batch, T, F)."""
         x = np.asarray(window, dtype=np.float64)
-        if x.ndim not in (2, 3) or x.shape[-1] != len(FEATURES) or not np.isfinite(x).all():
-            raise ValueError(f"window must be finite (T, {len(FEATURES)}) or (B, T, {len(FEATURES)}), "
-                             f"features {FEATURES}; got {x.shape}")
+        names = self.features
+        if x.ndim not in (2, 3) or x.shape[-1] != len(names) or not np.isfinite(x).all():
+            raise ValueError(f"window must be finite (T, {len(names)}) or (B, T, {len(names)}), "
+                             f"features {names}; got {x.shape}")
         x = (x - self.mean) / self.scale
         return torch.from_numpy((x if x.ndim == 3 else x[None]).astype(np.float32))
 
     def predict_proba(self, window: ArrayLike) -> np.ndarray:
         """Crash probability after each bar of a window of raw bar features, run from a zero state.
 
-        ``window`` is (T, 2) or (B, T, 2) in ``FEATURES`` order (``bar_features``); returns (T,) or (B, T).
+        ``window`` is (T, F) or (B, T, F) in ``config.features`` order; returns (T,) or (B, T).
         """
         x = self.standardise(window)
         self.net.eval()
@@ -482,9 +561,11 @@ class RegimeDetector:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "format_version": FORMAT_VERSION, **grid_meta(), "kind": self.kind, "config": asdict(self.config),
-            "features": list(FEATURES), "bar_s": self.config.bar_s, "sub_s": self.config.sub_s,
+            "features": list(self.features), "bar_s": self.config.bar_s, "sub_s": self.config.sub_s,
+            "iv_maturity": iv_maturity(self.config.iv_tenor_days) if self.config.uses_iv else None,
             "normalisation": {"mean": self.mean.tolist(), "scale": self.scale.tolist()},
             "vol_rule": asdict(self.vol_rule) if self.vol_rule else None,
+            "iv_rule": asdict(self.iv_rule) if self.iv_rule else None,
             "n_weights": n_weights(self.net), "metrics": self.metrics, "history": self.history,
             "info": self.info,
         }
@@ -495,7 +576,7 @@ class RegimeDetector:
 
     @classmethod
     def load(cls, path: Path | str) -> RegimeDetector:
-        """Read a saved detector (a directory means its ``MODEL_FILE``); refuses another feature order."""
+        """Read a saved detector (a directory means its ``MODEL_FILE``); features from its metadata."""
         path = Path(path)
         if path.is_dir():
             path = path / MODEL_FILE
@@ -503,18 +584,20 @@ class RegimeDetector:
             raise ValueError(f"no regime detector at {path} (train one: python main.py --mode train "
                              f"--model regime)")
         payload, meta = load_checked(path, "regime detector", FORMAT_VERSION)
-        if tuple(meta["features"]) != FEATURES:
-            raise ValueError(f"regime detector at {path} reads features {meta['features']}, not {FEATURES}")
-        config = RegimeConfig.from_dict(meta["config"])
+        names = tuple(meta["features"])
+        if set(names) - KNOWN_FEATURES:
+            raise ValueError(f"regime detector at {path} reads unknown features {meta['features']}")
+        config = RegimeConfig.from_dict({**meta["config"], "features": names})
         if meta["kind"] == "gru":
             config = RegimeConfig.from_dict({**asdict(config), "gru_hidden": meta["gru_hidden"]})
         net = build_network(meta["kind"], config)
         net.load_state_dict(payload["net"])
         net.eval()
         rule = VolRule(**meta["vol_rule"]) if meta.get("vol_rule") else None
+        iv_rule = VolRule(**meta["iv_rule"]) if meta.get("iv_rule") else None
         return cls(net, meta["kind"], config, np.asarray(meta["normalisation"]["mean"]),
                    np.asarray(meta["normalisation"]["scale"]), rule, meta.get("metrics", {}),
-                   meta.get("history", []), meta.get("info", {}))
+                   meta.get("history", []), meta.get("info", {}), iv_rule)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,11 +648,12 @@ def train_detector(kind: Kind, data: RegimeData, config: RegimeConfig) -> Regime
     """Pre-train the SSM or the GRU on synthetic paths with exact labels (one torch thread by default)."""
     with ThreadLimit(config.num_threads):
         torch.manual_seed(config.seed + (0 if kind == "ssm" else 1))
-        flat = data.features.reshape(-1, len(FEATURES))
+        raw = data.inputs(config.features)
+        flat = raw.reshape(-1, raw.shape[-1])
         mean, scale = flat.mean(axis=0), flat.std(axis=0)
         scale = np.where(scale > 1e-12, scale, 1.0)
         net = build_network(kind, config)
-        x = torch.from_numpy(((data.features - mean) / scale).astype(np.float32))
+        x = torch.from_numpy(((raw - mean) / scale).astype(np.float32))
         y = torch.from_numpy(data.labels.astype(np.float32))
         history: list[dict[str, float]] = []
         started = time.perf_counter()
@@ -583,7 +667,7 @@ def train_detector(kind: Kind, data: RegimeData, config: RegimeConfig) -> Regime
 
 def fine_tune(detector: RegimeDetector, features: ArrayLike, labels: ArrayLike | None = None,
               steps: int | None = None, seed: int = 0) -> RegimeDetector:
-    """Continue training on real bars (T, 2) or (n, T, 2) at the pre-training rate × ``fine_tune_lr_scale``.
+    """Continue training on real bars (T, F) or (n, T, F) at the pre-training rate × ``fine_tune_lr_scale``.
 
     Without ``labels`` the targets are the pre-trained model's own decisions (p ≥ 0.5), fixed before any
     update (see the module docstring for what that can and cannot do). Returns a new detector; the input
@@ -697,7 +781,7 @@ def evaluate_probabilities(prob: np.ndarray, labels: np.ndarray, warmup: int, ba
 
 
 def online_probabilities(detector: RegimeDetector, features: np.ndarray) -> np.ndarray:
-    """Crash probability at every bar of paths (n, T, 2) as the bot computes it online (module docstring)."""
+    """Crash probability at every bar of paths (n, T, F) as the bot computes it online (module docstring)."""
     config = detector.config
     context, block = config.window - config.block, config.block
     n, length = features.shape[:2]
@@ -772,24 +856,31 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def regime_main(out: Path = DEFAULT_MODEL_DIR, seed: int = 0, config: RegimeConfig | None = None) -> int:
-    """Simulate, train SSM and GRU, fit the vol rule, evaluate on held-out seeds; write models and report."""
+    """Simulate, train SSM and GRU, fit the vol rule (and the IV rule when the models read IV), evaluate on
+    held-out seeds; write models and report."""
     out = Path(out)
     config = config or RegimeConfig(seed=seed)
     started = time.perf_counter()
     torch.set_num_threads(config.num_threads)
+    tenor = config.iv_tenor_days if config.uses_iv else None
     train = regime_paths(config.n_train_paths, config.n_bars, config.seed, config.leave_rates,
-                         config.entry_variance, config.bar_s, config.sub_s)
+                         config.entry_variance, config.bar_s, config.sub_s, tenor)
     test = regime_paths(config.n_test_paths, config.n_bars, config.seed + 1_000_003, config.leave_rates,
-                        config.entry_variance, config.bar_s, config.sub_s)
+                        config.entry_variance, config.bar_s, config.sub_s, tenor)
     rule = VolRule.fit(train.rv, train.labels, config.vol_windows, config.warmup)
+    iv_rule = None
+    if train.atm_iv is not None:  # the same rule on the implied variance; one bar is a window too
+        iv_windows = tuple(sorted({1, *config.vol_windows}))
+        iv_rule = VolRule.fit(train.atm_iv**2, train.labels, iv_windows, config.warmup)
     detectors = {kind: train_detector(kind, train, config) for kind in ("ssm", "gru")}
+    test_inputs = test.inputs(config.features)
     t0 = time.perf_counter()
     results: dict[str, dict[str, Any]] = {}
     probs: dict[str, np.ndarray] = {}
     scores: dict[str, np.ndarray] = {}
     for kind, detector in detectors.items():
-        detector.vol_rule = rule
-        p = online_probabilities(detector, test.features)
+        detector.vol_rule, detector.iv_rule = rule, iv_rule
+        p = online_probabilities(detector, test_inputs)
         probs[kind] = scores[kind] = p
         results[kind] = {**evaluate_probabilities(p, test.labels, config.warmup, config.bar_s),
                          "n_weights": n_weights(detector.net),
@@ -798,11 +889,18 @@ def regime_main(out: Path = DEFAULT_MODEL_DIR, seed: int = 0, config: RegimeConf
     results["vol rule"] = {**evaluate_probabilities(probs["vol rule"], test.labels, config.warmup,
                                                     config.bar_s, score=scores["vol rule"]),
                            "window_bars": rule.window, "threshold_vol": math.sqrt(rule.threshold)}
+    if iv_rule is not None and test.atm_iv is not None:
+        iv2 = test.atm_iv**2
+        probs["IV rule"], scores["IV rule"] = iv_rule.alarm(iv2), iv_rule.score(iv2)
+        results["IV rule"] = {**evaluate_probabilities(probs["IV rule"], test.labels, config.warmup,
+                                                       config.bar_s, score=scores["IV rule"]),
+                              "window_bars": iv_rule.window, "threshold_iv": math.sqrt(iv_rule.threshold)}
     evaluation_seconds = time.perf_counter() - t0
     report_dir = out / REPORT_DIR
     plot = plot_report(report_dir / PLOT_FILE, test.labels, probs, scores, config.bar_s, config.warmup)
     metrics = {
-        "detectors": results, "bar_s": config.bar_s, "sub_s": config.sub_s, "features": list(FEATURES),
+        "detectors": results, "bar_s": config.bar_s, "sub_s": config.sub_s, "features": list(config.features),
+        "iv_maturity_days": iv_maturity(config.iv_tenor_days) * 365.0 if config.uses_iv else None,
         "warmup_bars": config.warmup, "alarm_threshold": ALARM,
         "data": {"train_paths": config.n_train_paths, "test_paths": config.n_test_paths,
                  "bars_per_path": config.n_bars, "train_seed": config.seed,
@@ -830,6 +928,10 @@ def regime_main(out: Path = DEFAULT_MODEL_DIR, seed: int = 0, config: RegimeConf
     print(f"vol rule: {rule.window}-bar realised vol > {math.sqrt(rule.threshold):.1%}; "
           f"{results['ssm']['n_switches']} held-out bull→crash switches, "
           f"{metrics['data']['test_crash_share']:.1%} of bars in crash")
+    if iv_rule is not None:
+        print(f"IV rule: {iv_rule.window}-bar mean ATM {iv_maturity(config.iv_tenor_days) * 365:.0f}-day "
+              f"implied vol (RMS) > {math.sqrt(iv_rule.threshold):.1%}; "
+              f"features {', '.join(config.features)}")
     print(format_table(results))
     print(f"saved {', '.join(str(p) for p in paths)}; report {report_dir}")
     return 0
@@ -838,6 +940,8 @@ def regime_main(out: Path = DEFAULT_MODEL_DIR, seed: int = 0, config: RegimeConf
 __all__ = [
     "DEFAULT_MODEL_DIR",
     "FEATURES",
+    "IV_FEATURE",
+    "IV_FEATURES",
     "MODEL_FILE",
     "CloseSampler",
     "RegimeConfig",
@@ -847,6 +951,7 @@ __all__ = [
     "RegimeSSM",
     "SelectiveSSMBlock",
     "VolRule",
+    "atm_iv",
     "bar_features",
     "build_network",
     "closes_from_events",
@@ -856,6 +961,7 @@ __all__ = [
     "false_alarms",
     "fine_tune",
     "format_table",
+    "iv_maturity",
     "n_weights",
     "online_probabilities",
     "regime_main",

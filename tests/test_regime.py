@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from bot.events import Quote
+from adapters.synthetic import SyntheticMarket, SyntheticMarketConfig
+from bot.events import IVSurface, Quote
 from bot.features.regime import RegimeFeatures, RegimeFeaturesConfig
 from models.regime import (
+    FEATURES,
+    IV_FEATURES,
     CloseSampler,
     RegimeConfig,
     RegimeData,
     RegimeDetector,
     VolRule,
+    atm_iv,
     bar_features,
     closes_from_events,
     detection_delays,
     evaluate_probabilities,
     false_alarms,
     fine_tune,
+    iv_maturity,
     online_probabilities,
     regime_paths,
     roc_auc,
@@ -36,13 +41,16 @@ from models.regime import (
 T0 = 1_767_225_600_000_000_000
 MINUTE = 60_000_000_000
 SMALL = RegimeConfig(n_bars=1500, window=96, block=32, warmup=24, d_model=8, d_state=4, n_layers=1,
-                     dt_rank=2, batch=16, steps=150, lr=1e-2, progress=False, max_seconds=None)
+                     dt_rank=2, batch=16, steps=150, lr=1e-2, progress=False, max_seconds=None,
+                     features=FEATURES)
+SMALL_IV = replace(SMALL, features=IV_FEATURES)
 
 
 @pytest.fixture(scope="module")
 def data() -> tuple[RegimeData, RegimeData]:
     torch.set_num_threads(1)
-    return regime_paths(24, SMALL.n_bars, seed=1), regime_paths(12, SMALL.n_bars, seed=2)
+    return (regime_paths(24, SMALL.n_bars, seed=1, iv_tenor_days=30.0),
+            regime_paths(12, SMALL.n_bars, seed=2, iv_tenor_days=30.0))
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +227,91 @@ def test_feature_module_refuses_a_missing_model(tmp_path: Path) -> None:
         RegimeFeatures(RegimeFeaturesConfig())
     with pytest.raises(ValueError, match="--model regime"):
         RegimeFeatures(RegimeFeaturesConfig(model_path=tmp_path / "nowhere"))
+
+
+@pytest.fixture(scope="module")
+def ssm_iv(data: tuple[RegimeData, RegimeData]) -> RegimeDetector:
+    return train_detector("ssm", data[0], SMALL_IV)
+
+
+def test_iv_does_not_change_the_price_paths_and_is_priced_at_the_bar_close(
+    data: tuple[RegimeData, RegimeData]
+) -> None:
+    train = data[0]
+    plain = regime_paths(2, 200, seed=1)
+    with_iv = regime_paths(2, 200, seed=1, iv_tenor_days=30.0)
+    np.testing.assert_array_equal(with_iv.features, plain.features)
+    assert plain.atm_iv is None and with_iv.atm_iv is not None and with_iv.atm_iv.shape == (2, 200)
+    assert iv_maturity(30.0) == pytest.approx(30 / 365) and iv_maturity(40.0) == pytest.approx(30 / 365)
+    assert train.inputs(IV_FEATURES).shape == (24, SMALL.n_bars, 3)
+    # implied vol in a crash is far above the bull's: the surface reflects the regime's parameters
+    assert np.median(train.atm_iv[train.labels == 1]) > 1.5 * np.median(train.atm_iv[train.labels == 0])
+    with pytest.raises(ValueError, match="not simulated"):
+        plain.inputs(IV_FEATURES)
+
+
+def test_a_small_iv_model_beats_chance_and_round_trips_its_metadata(
+    data: tuple[RegimeData, RegimeData], ssm_iv: RegimeDetector, tmp_path: Path
+) -> None:
+    train, test = data
+    inputs = test.inputs(IV_FEATURES)
+    p = online_probabilities(ssm_iv, inputs)
+    m = evaluate_probabilities(p, test.labels, SMALL.warmup, SMALL.bar_s)
+    assert m["roc_auc"] > 0.7, m
+    rule = VolRule.fit(train.atm_iv**2, train.labels, (1, *SMALL.vol_windows), SMALL.warmup)
+    iv_m = evaluate_probabilities(rule.alarm(test.atm_iv**2), test.labels, SMALL.warmup, SMALL.bar_s,
+                                  score=rule.score(test.atm_iv**2))
+    assert iv_m["roc_auc"] > 0.6
+    ssm_iv.iv_rule = rule
+    ssm_iv.save(tmp_path)
+    loaded = RegimeDetector.load(tmp_path)
+    assert loaded.features == IV_FEATURES and loaded.config.iv_tenor_days == 30.0
+    assert loaded.iv_rule == rule and loaded.vol_rule is None
+    window = inputs[0, :300]
+    np.testing.assert_array_equal(loaded.predict_proba(window), ssm_iv.predict_proba(window))
+    with pytest.raises(ValueError, match="features"):
+        loaded.predict_proba(test.features[0, :300])  # two columns for a three-feature model
+    # a model saved before the IV option has no "features" in its config: it reads prices only
+    old = {k: v for k, v in asdict(RegimeConfig()).items() if k != "features"}
+    assert RegimeConfig.from_dict(old).features == FEATURES
+
+
+def test_iv_feature_of_the_module_matches_the_simulation_pricing_on_a_synthetic_market(
+    ssm_iv: RegimeDetector, tmp_path: Path
+) -> None:
+    ssm_iv.save(tmp_path)
+    hour = 60 * MINUTE
+    start = SyntheticMarketConfig().start_ns
+    config = SyntheticMarketConfig(seed=5, step_s=10.0, until_ns=start + 5 * hour,
+                                   switch_times=[(2.5 * 3600.0, 1)])  # bull, then a crash
+    market = SyntheticMarket(config)
+    events, truth = [], []  # truth: (ts, regime, BTC variance) behind each surface
+    for event in market.events():
+        events.append(event)
+        if isinstance(event, IVSurface):
+            state = market.debug_state()
+            truth.append((event.ts_recv, state.regime, state.variances["BTC"]))
+
+    def run() -> tuple[list[tuple[float, ...]], RegimeFeatures]:
+        module = RegimeFeatures(RegimeFeaturesConfig(model_path=tmp_path, min_bars=2))
+        out = []
+        for event in events:
+            if event.ts_recv % hour == 0:
+                out.append(tuple(module.compute(event.ts_recv).values()))
+            if isinstance(event, module.event_types):
+                module.on_event(event)
+        out.append(tuple(module.compute(start + 5 * hour).values()))
+        return out, module
+
+    first, module = run()
+    assert first == run()[0]  # deterministic on replay
+    assert first[-1][0] == 1.0 and 0.0 <= first[-1][1] <= 1.0
+    got = module.last_inputs
+    assert got is not None and got.shape[1] == 3
+    # bar b (hours after start) reads the last surface received before its end, priced by the simulation
+    ts, regime, variance = (np.array(column) for column in zip(*truth, strict=True))
+    bars = np.arange(5 - got.shape[0], 5)
+    last = np.array([np.flatnonzero(ts < start + (b + 1) * hour)[-1] for b in bars])
+    expected = atm_iv(regime[last], variance[last], iv_maturity(30.0))
+    np.testing.assert_allclose(got[:, 2], np.log(expected), rtol=0, atol=1e-9)
+    assert set(regime[last]) == {0, 1}  # both regimes were priced
