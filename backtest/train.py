@@ -96,7 +96,7 @@ class PPOConfig(BaseModel):
     max_grad_norm: float = Field(0.5, gt=0)
     net_arch: list[int] = Field(default_factory=lambda: [64, 64], min_length=1)
     log_std_init: float = Field(
-        -1.5, description="initial log std of the actions: exploring by churning positions costs fees"
+        -2.0, description="initial log std of the actions: exploring by churning positions costs fees"
     )
 
 
@@ -124,7 +124,7 @@ def default_training_env() -> EnvConfig:
         instruments=list(TRAINING_INSTRUMENTS),
         max_exposure=0.5,
         max_start_offset_s=28_800.0,
-        reward=RewardConfig(target_vol=0.01, vol_penalty=10.0),
+        reward=RewardConfig(target_vol=0.01, vol_penalty=10.0, turnover_penalty=0.001),
     )
 
 
@@ -141,6 +141,15 @@ class TrainConfig(BaseModel):
     env: EnvConfig = Field(default_factory=default_training_env)
     world: dict[str, Any] = Field(
         default_factory=lambda: dict(TRAINING_WORLD), description="overrides of the market settings"
+    )
+    rebalance_threshold: float | None = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description=(
+            "the order manager's no-trade band (fraction of equity) in training and in the comparison: "
+            "exploration noise inside it costs no fees; None keeps the settings' own"
+        ),
     )
     validation_seeds: SeedRange = Field(default_factory=lambda: SeedRange(start=500_000, count=4))
     eval_every_steps: int = Field(5_000, ge=1)
@@ -194,12 +203,17 @@ def quiet_logging(level: int = logging.ERROR) -> None:
 # --- environments ---------------------------------------------------------------------------------
 
 
-def world_settings(settings: Settings, world: dict[str, Any], decision_interval_s: float | None) -> Settings:
+def world_settings(
+    settings: Settings,
+    world: dict[str, Any],
+    decision_interval_s: float | None,
+    rebalance_threshold: float | None = None,
+) -> Settings:
     """``settings`` in a synthetic ``world`` (market overrides), deciding every ``decision_interval_s``.
 
     The risk engine refuses orders on data older than ``stale_after_s``; in a world that
     quotes every ``step_s`` that must allow for one step in flight, so it becomes at least
-    two steps.
+    two steps. ``rebalance_threshold`` replaces the order manager's when given.
     """
     market = type(settings.market).model_validate({**settings.market.model_dump(), **world})
     run = settings.run
@@ -208,12 +222,15 @@ def world_settings(settings: Settings, world: dict[str, Any], decision_interval_
     risk = settings.risk.model_copy(
         update={"stale_after_s": max(settings.risk.stale_after_s, 2.0 * market.step_s)}
     )
-    return settings.model_copy(update={"market": market, "run": run, "risk": risk})
+    orders = settings.orders
+    if rebalance_threshold is not None:
+        orders = orders.model_copy(update={"rebalance_threshold": rebalance_threshold})
+    return settings.model_copy(update={"market": market, "run": run, "risk": risk, "orders": orders})
 
 
 def training_settings(settings: Settings, config: TrainConfig) -> Settings:
-    """``settings`` in the training world, with the environment's decision interval."""
-    return world_settings(settings, config.world, config.env.decision_interval_s)
+    """``settings`` in the training world, with the environment's decision interval and trade band."""
+    return world_settings(settings, config.world, config.env.decision_interval_s, config.rebalance_threshold)
 
 
 def walk_forward_windows(journal: Path, config: WalkForwardConfig) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -584,12 +601,16 @@ def evaluate_policies(
 
     Each seed replays ``days`` of the synthetic market in ``world`` (default: the training
     world) from its start, venue seeded like the market, every policy deciding at the
-    model's decision interval; the PPO policy is loaded through the policy registry with its
-    schema check, exactly as a paper or live run would load it.
+    model's decision interval and trading with the no-trade band it was trained with; the
+    PPO policy is loaded through the policy registry with its schema check, exactly as a
+    paper or live run would load it.
     """
-    trained = json.loads(metadata_path(model_path).read_text())["observation_schema"]
+    metadata = json.loads(metadata_path(model_path).read_text())
     settings = world_settings(
-        settings, TRAINING_WORLD if world is None else world, trained["decision_interval_s"]
+        settings,
+        TRAINING_WORLD if world is None else world,
+        metadata["observation_schema"]["decision_interval_s"],
+        metadata["settings"]["orders"]["rebalance_threshold"],
     )
     tasks = [
         (

@@ -54,6 +54,7 @@ def tiny_config(out: Path, **changes: object) -> TrainConfig:
         timesteps=32,
         n_envs=1,
         env=EnvConfig(episode_decisions=8, warmup_decisions=2, max_exposure=0.2),
+        rebalance_threshold=0.01,
         validation_seeds=SeedRange(start=500_000, count=1),
         eval_every_steps=16,
         out=out,
@@ -84,6 +85,8 @@ def test_training_saves_best_and_last_models_with_metadata(settings: Settings, t
     assert metadata["feature_schema_hash"] == schema["feature_schema_hash"]
     assert metadata["observation_schema"]["window"] == settings.state.window
     assert metadata["settings"]["market"]["step_s"] == TRAINING_WORLD["step_s"]
+    assert metadata["settings"]["orders"]["rebalance_threshold"] == 0.01  # the run's band, not the settings'
+
     assert "password" not in json.dumps(metadata["settings"]["store"])
     assert len(metadata["training"]["validation_sharpe"]) == 1
     assert metadata["train"]["seed"] == 0 and metadata["training"]["timesteps"] in (16, 32)
@@ -222,7 +225,7 @@ def test_evaluate_policies_scores_ppo_hold_and_trend_through_the_backtester(
     days = 1 / 4
     comparison = evaluate_policies(settings, trained, seeds=[900_000], days=days, workers=1)
     assert set(comparison.sharpe) == {"ppo", "hold", "trend"}
-    world = world_settings(settings, TRAINING_WORLD, settings.run.decision_interval_s)
+    world = world_settings(settings, TRAINING_WORLD, settings.run.decision_interval_s, 0.01)
     direct = run_backtest(
         world.model_copy(update={"venue": settings.venue.model_copy(update={"seed": 900_000})}),
         synthetic_seed=900_000,
