@@ -134,7 +134,7 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     timesteps: int = Field(
-        20_000, ge=1, description="agent decisions to train on, over all environments (~25 min on 2 cores)"
+        20_000, ge=1, description="agent decisions to train on, over all environments (30-50 min on 2 cores)"
     )
     seed: int = Field(0, ge=0, description="seed of torch, SB3, PPO and the environments' episode draws")
     n_envs: int = Field(2, ge=1, description="environments, each in its own process when more than one")
