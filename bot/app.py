@@ -304,9 +304,14 @@ class PaperSession:
             loop.call_later(self.options.duration_s, self.request_stop, "duration elapsed")
 
         async def checkpoint_every(seconds: float) -> None:
-            while True:
-                await asyncio.sleep(seconds)
-                await self._checkpoint(engine, journal, recorder, store)
+            # Ends at a stop request, never by cancellation: a write cancelled half-way would keep
+            # SQLite's lock from the final checkpoint.
+            while not self.stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(seconds):
+                        await self.stop.wait()
+                if not self.stop.is_set():
+                    await self._checkpoint(engine, journal, recorder, store)
 
         status_line = StatusLine()
 
@@ -326,10 +331,10 @@ class PaperSession:
             venue = CcxtVenue.from_live_config(live, queue.put_nowait, bus=engine.bus, **overrides)
             await venue.start()
         producer = asyncio.create_task(source.run(queue, self.stop), name="feed")
-        helpers = [
-            asyncio.create_task(checkpoint_every(self.settings.run.checkpoint_interval_s), name="checkpoint"),
-            asyncio.create_task(status_every(self.settings.run.status_interval_s), name="status"),
-        ]
+        checkpoints = asyncio.create_task(
+            checkpoint_every(self.settings.run.checkpoint_interval_s), name="checkpoint"
+        )
+        status = asyncio.create_task(status_every(self.settings.run.status_interval_s), name="status")
         try:
             while not (self.stop.is_set() and producer.done() and len(queue) == 0):
                 if producer.done() and producer.exception() is not None:
@@ -350,10 +355,10 @@ class PaperSession:
                 else:
                     await asyncio.sleep(0)
         finally:
+            self.stop.set()
             producer.cancel()
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(producer, *helpers, return_exceptions=True)
+            status.cancel()
+            await asyncio.gather(producer, checkpoints, status, return_exceptions=True)
             if venue is not None:
                 await venue.close()
 
