@@ -23,12 +23,15 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
-from bot.events import Event
+from bot.events import Event, split_instrument
 
 NANOS_PER_SECOND = 1_000_000_000
 SECONDS_PER_YEAR = 365.0 * 24.0 * 3600.0  # crypto trades every day: annualise over calendar time
 
 M = TypeVar("M", bound="type[FeatureModule]")
+
+# The embedded synthetic market's instruments: the default of the per-instrument modules.
+SYNTHETIC_INSTRUMENTS = ("SYNTH:BTCUSDT", "SYNTH:BTCUSDT-PERP", "SYNTH:DOGEUSDT", "SYNTH:DOGEUSDT-PERP")
 
 _REGISTRY: dict[str, type[FeatureModule]] = {}
 
@@ -122,3 +125,12 @@ def duration_label(seconds: float) -> str:
         if whole % size == 0:
             return f"{whole // size}{unit}"
     return f"{whole}s"
+
+
+def unique_instrument_ids(ids: list[str]) -> list[str]:
+    """``ids`` if every one is a well-formed instrument id and none repeats (a config validator)."""
+    for instrument in ids:
+        split_instrument(instrument)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"instruments must be unique, got {ids}")
+    return ids

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bot.events import AggressorSide, Event, MarketData, MarkPrice, Quote, Trade, split_instrument
+from bot.events import AggressorSide, Event, MarketData, MarkPrice, Quote, Trade
 from bot.features.base import (
     NANOS_PER_SECOND,
     SECONDS_PER_YEAR,
+    SYNTHETIC_INSTRUMENTS,
     FeatureModule,
     duration_label,
     register_feature_module,
+    unique_instrument_ids,
 )
 from bot.features.history import PriceHistory, VolumeHistory
 
@@ -40,15 +42,7 @@ class MarketFeaturesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instruments: list[str] = Field(
-        default_factory=lambda: [
-            "SYNTH:BTCUSDT",
-            "SYNTH:BTCUSDT-PERP",
-            "SYNTH:DOGEUSDT",
-            "SYNTH:DOGEUSDT-PERP",
-        ],
-        min_length=1,
-    )
+    instruments: list[str] = Field(default_factory=lambda: list(SYNTHETIC_INSTRUMENTS), min_length=1)
     perpetuals: list[str] = Field(default_factory=lambda: ["SYNTH:BTCUSDT-PERP", "SYNTH:DOGEUSDT-PERP"])
     return_horizons_s: list[int] = Field(default_factory=lambda: [60, 300, 900, 3600], min_length=1)
     vol_windows_s: list[int] = Field(default_factory=lambda: [300, 3600], min_length=1)
@@ -58,11 +52,7 @@ class MarketFeaturesConfig(BaseModel):
     @field_validator("instruments", "perpetuals")
     @classmethod
     def _valid_ids(cls, ids: list[str]) -> list[str]:
-        for instrument in ids:
-            split_instrument(instrument)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"instruments must be unique, got {ids}")
-        return ids
+        return unique_instrument_ids(ids)
 
     @field_validator("return_horizons_s", "vol_windows_s")
     @classmethod

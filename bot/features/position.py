@@ -17,8 +17,13 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bot.events import Event, PortfolioSnapshot, PositionUpdate, Quote, split_instrument
-from bot.features.base import FeatureModule, register_feature_module
+from bot.events import Event, PortfolioSnapshot, PositionUpdate, Quote
+from bot.features.base import (
+    SYNTHETIC_INSTRUMENTS,
+    FeatureModule,
+    register_feature_module,
+    unique_instrument_ids,
+)
 
 
 class PositionFeaturesConfig(BaseModel):
@@ -26,24 +31,12 @@ class PositionFeaturesConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    instruments: list[str] = Field(
-        default_factory=lambda: [
-            "SYNTH:BTCUSDT",
-            "SYNTH:BTCUSDT-PERP",
-            "SYNTH:DOGEUSDT",
-            "SYNTH:DOGEUSDT-PERP",
-        ],
-        min_length=1,
-    )
+    instruments: list[str] = Field(default_factory=lambda: list(SYNTHETIC_INSTRUMENTS), min_length=1)
 
     @field_validator("instruments")
     @classmethod
     def _valid_ids(cls, ids: list[str]) -> list[str]:
-        for instrument in ids:
-            split_instrument(instrument)
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"instruments must be unique, got {ids}")
-        return ids
+        return unique_instrument_ids(ids)
 
 
 @register_feature_module("position")
