@@ -134,3 +134,25 @@ def unique_instrument_ids(ids: list[str]) -> list[str]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"instruments must be unique, got {ids}")
     return ids
+
+
+def fresh_reading(
+    names: tuple[str, ...],
+    prefix: str,
+    reading: Mapping[str, float],
+    received_ns: int | None,
+    now_ns: int,
+    max_age_s: float,
+) -> dict[str, float]:
+    """Features of a module that holds one timed reading (a surface, a fit): every name 0.0 until
+    the first, then ``{prefix}age_s`` (capped at ``max_age_s``) and, while the reading is no older
+    than ``max_age_s``, ``{prefix}available`` = 1.0 and the reading's values under ``prefix``."""
+    values = dict.fromkeys(names, 0.0)
+    if received_ns is None:
+        return values
+    age_s = max(0.0, (now_ns - received_ns) / NANOS_PER_SECOND)
+    values[prefix + "age_s"] = min(age_s, max_age_s)
+    if age_s <= max_age_s:
+        values[prefix + "available"] = 1.0
+        values.update({prefix + name: value for name, value in reading.items()})
+    return values

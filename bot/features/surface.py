@@ -30,7 +30,13 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bot.events import Event, IVSurface
-from bot.features.base import NANOS_PER_SECOND, FeatureModule, duration_label, register_feature_module
+from bot.features.base import (
+    NANOS_PER_SECOND,
+    FeatureModule,
+    duration_label,
+    fresh_reading,
+    register_feature_module,
+)
 from models.grid import LOG_MONEYNESS, MATURITIES
 
 DAY_S = 86_400
@@ -194,14 +200,6 @@ class SurfaceFeatures(FeatureModule):
 
     def compute(self, now_ns: int) -> dict[str, float]:
         config = self.config
-        prefix = f"{config.underlying}."
-        values = dict.fromkeys(self._names, 0.0)
-        if self._received_ns is None:
-            return values
-        age_s = max(0.0, (now_ns - self._received_ns) / NANOS_PER_SECOND)
-        values[prefix + "age_s"] = min(age_s, config.max_age_s)
-        if age_s <= config.max_age_s:
-            values[prefix + "available"] = 1.0
-            for name, value in self._summary.items():
-                values[prefix + name] = value
-        return values
+        return fresh_reading(
+            self._names, f"{config.underlying}.", self._summary, self._received_ns, now_ns, config.max_age_s
+        )

@@ -34,11 +34,16 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field
 
 from bot.events import Event, IVSurface
-from bot.features.base import NANOS_PER_SECOND, FeatureModule, register_feature_module
+from bot.features.base import (
+    NANOS_PER_SECOND,
+    SECONDS_PER_YEAR,
+    FeatureModule,
+    fresh_reading,
+    register_feature_module,
+)
 from bot.features.surface import SurfaceSnapshot
 
 log = structlog.get_logger(__name__)
-SECONDS_PER_YEAR = 365.0 * 86_400.0
 FIELDS = ("available", "age_s", "energy", "tail_energy", "atm_iv", "tail_atm_iv", "history")
 
 
@@ -115,16 +120,10 @@ class WorldFeatures(FeatureModule):
         if self._pending is not None:
             self._read(self._pending)
             self._pending = None
-        values = dict.fromkeys(self._names, 0.0)
-        if self._received_ns is None:
-            return values
-        prefix = f"{self.config.underlying}."
-        age_s = max(0.0, (now_ns - self._received_ns) / NANOS_PER_SECOND)
-        values[prefix + "age_s"] = min(age_s, self.config.max_age_s)
-        if age_s <= self.config.max_age_s:
-            values[prefix + "available"] = 1.0
-            values.update({prefix + name: value for name, value in self._values.items()})
-        return values
+        config = self.config
+        return fresh_reading(
+            self._names, f"{config.underlying}.", self._values, self._received_ns, now_ns, config.max_age_s
+        )
 
     def _read(self, surface: IVSurface) -> None:
         """Encode the surface, extend the history, imagine the next ``rollout_steps`` steps."""
