@@ -68,6 +68,7 @@ from strategies.ppo import (
     observation_schema,
     schema_hash,
 )
+from strategies.ppo_network import RecentFramesExtractor
 
 NANOS_PER_SECOND = 1_000_000_000
 # The default market at 5-minute steps, one trade per instrument per ~8 min, a surface every 15 min
@@ -87,16 +88,22 @@ class PPOConfig(BaseModel):
     learning_rate: float = Field(3e-4, gt=0)
     n_steps: int = Field(180, ge=8, description="steps per environment between updates (two episodes)")
     batch_size: int = Field(90, ge=2)
-    n_epochs: int = Field(10, ge=1)
-    gamma: float = Field(0.97, gt=0, le=1, description="0.97: a horizon of ~33 decisions (11 days)")
-    gae_lambda: float = Field(0.95, gt=0, le=1)
+    n_epochs: int = Field(5, ge=1, description="passes over each rollout: more fits the rollout's noise")
+    gamma: float = Field(
+        0.9, gt=0, le=1, description="0.9: ~10 decisions (3 days); a position is re-decided every step"
+    )
+    gae_lambda: float = Field(0.9, gt=0, le=1)
     clip_range: float = Field(0.2, gt=0)
     ent_coef: float = Field(0.0, ge=0)
     vf_coef: float = Field(0.5, gt=0)
     max_grad_norm: float = Field(0.5, gt=0)
     net_arch: list[int] = Field(default_factory=lambda: [64, 64], min_length=1)
     log_std_init: float = Field(
-        -2.0, description="initial log std of the actions: exploring by churning positions costs fees"
+        -1.5,
+        description="initial log std of the actions: wide enough to cross the no-trade band, not to churn",
+    )
+    frames: int | None = Field(
+        1, ge=1, description="newest rows of the state window the network reads; None: the whole window"
     )
 
 
@@ -114,8 +121,12 @@ def default_training_env() -> EnvConfig:
 
     ±0.5 of equity in BTC spot and perp; starts spread over one funding interval. The reward
     penalises variance (volatility target near zero) rather than steering to a volatility
-    level, so a hedged position that earns little but steadily is preferred to an outright
-    one that earns as much.
+    level, and hard (100 per unit of squared step return: an unhedged half-equity position in
+    the bull market costs ~10× its drift), so a hedged position that earns little but steadily
+    is preferred to an outright one that earns as much. Its window is a day (3 steps), so a
+    step's variance is charged within a day of the step rather than only once a 60-step window
+    has filled. No leverage charge: spot against perp is 1× gross by design, and the risk
+    engine's limits bind anyway; the venue's fees are the turnover cost, plus 2 bps.
     """
     return EnvConfig(
         episode_decisions=90,
@@ -124,7 +135,9 @@ def default_training_env() -> EnvConfig:
         instruments=list(TRAINING_INSTRUMENTS),
         max_exposure=0.5,
         max_start_offset_s=28_800.0,
-        reward=RewardConfig(target_vol=0.01, vol_penalty=10.0, turnover_penalty=0.001),
+        reward=RewardConfig(
+            target_vol=0.01, vol_penalty=100.0, vol_window=3, turnover_penalty=0.0002, leverage_penalty=0.0
+        ),
     )
 
 
@@ -143,7 +156,7 @@ class TrainConfig(BaseModel):
         default_factory=lambda: dict(TRAINING_WORLD), description="overrides of the market settings"
     )
     rebalance_threshold: float | None = Field(
-        0.1,
+        0.05,
         gt=0,
         lt=1,
         description=(
@@ -213,12 +226,14 @@ def world_settings(
 
     The risk engine refuses orders on data older than ``stale_after_s``; in a world that
     quotes every ``step_s`` that must allow for one step in flight, so it becomes at least
-    two steps. ``rebalance_threshold`` replaces the order manager's when given.
+    two steps; equity snapshots come at most once a step (the portfolio changes no faster).
+    ``rebalance_threshold`` replaces the order manager's when given.
     """
     market = type(settings.market).model_validate({**settings.market.model_dump(), **world})
     run = settings.run
     if decision_interval_s is not None:
         run = run.model_copy(update={"decision_interval_s": decision_interval_s})
+    run = run.model_copy(update={"snapshot_interval_s": max(run.snapshot_interval_s, market.step_s)})
     risk = settings.risk.model_copy(
         update={"stale_after_s": max(settings.risk.stale_after_s, 2.0 * market.step_s)}
     )
@@ -426,6 +441,17 @@ def last_model_path(out: Path) -> Path:
 # --- training -------------------------------------------------------------------------------------
 
 
+def policy_kwargs(hyper: PPOConfig, env: TradingEnv) -> dict[str, Any]:
+    """SB3 policy arguments: the network, the initial action noise and what part of the state it reads."""
+    kwargs: dict[str, Any] = {"net_arch": list(hyper.net_arch), "log_std_init": hyper.log_std_init}
+    if hyper.frames is not None:
+        if not env.config.flatten:
+            raise ValueError("ppo.frames needs flattened observations (env.flatten = true)")
+        kwargs["features_extractor_class"] = RecentFramesExtractor
+        kwargs["features_extractor_kwargs"] = {"dim": len(env.feature_names), "frames": hyper.frames}
+    return kwargs
+
+
 def train_ppo(settings: Settings, config: TrainConfig) -> Path:
     """Train PPO as configured; returns the path of the best model by validation Sharpe (see module)."""
     started = time.perf_counter()
@@ -451,7 +477,7 @@ def train_ppo(settings: Settings, config: TrainConfig) -> Path:
         ent_coef=hyper.ent_coef,
         vf_coef=hyper.vf_coef,
         max_grad_norm=hyper.max_grad_norm,
-        policy_kwargs={"net_arch": list(hyper.net_arch), "log_std_init": hyper.log_std_init},
+        policy_kwargs=policy_kwargs(hyper, validation_env),
         tensorboard_log=str(tensorboard_dir) if tensorboard_dir is not None else None,
         seed=config.seed,
         device="cpu",

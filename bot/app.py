@@ -111,6 +111,7 @@ def build_engine(
         window=settings.state.window,
         clip=settings.state.clip,
         schema_hash=features.schema_hash(),
+        fixed_scales=settings.state.scales_for(features.feature_names),
     )
     if not isinstance(policy, Policy):
         policy = load_policy(policy or settings.run.policy, settings=settings)

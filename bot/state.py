@@ -8,6 +8,13 @@ first observation maps to 0, and an outlier's z-score is bounded by ``sqrt(n −
 on top of the ``±clip`` clipping. Z-scores use the population standard deviation; a
 feature that has not varied yet maps to 0.
 
+A z-score only says where a value sits in the stream's own history, so it loses the
+level and the sign: a funding rate that has been +0.01 % all along reads 0, the same as
+one that has been −0.05 % all along. Features whose level matters and whose scale is
+known (funding and basis in basis points, the account's own exposure) are therefore
+scaled by a fixed divisor instead (``fixed_scales``: glob pattern of feature names →
+divisor), then clipped like the rest.
+
 Both the statistics and the window of past vectors round-trip through
 :meth:`StateBuilder.state_dict` (plain JSON types, floats exact), so a restarted run
 resumes normalisation exactly where it stopped instead of re-learning it.
@@ -15,10 +22,12 @@ resumes normalisation exactly where it stopped instead of re-learning it.
 
 from __future__ import annotations
 
+import fnmatch
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 STATE_DICT_VERSION = 1
 
@@ -30,6 +39,26 @@ class StateBuilderConfig(BaseModel):
 
     window: int = Field(16, ge=1)
     clip: float = Field(5.0, gt=0)
+    fixed_scales: dict[str, float] = Field(
+        default_factory=lambda: {"*.funding": 1e-4, "*.basis": 1e-4, "*.exposure": 1.0, "*.available": 1.0},
+        description="glob of feature names → fixed divisor, instead of the running z-score (first match)",
+    )
+
+    @field_validator("fixed_scales")
+    @classmethod
+    def _positive_scales(cls, scales: dict[str, float]) -> dict[str, float]:
+        bad = {pattern: scale for pattern, scale in scales.items() if not scale > 0}
+        if bad:
+            raise ValueError(f"fixed scales must be positive, got {bad}")
+        return scales
+
+    def scales_for(self, feature_names: Sequence[str]) -> list[float | None]:
+        """Each feature's fixed divisor (the first matching pattern's), None for a running z-score."""
+        patterns = self.fixed_scales.items()
+        return [
+            next((scale for pattern, scale in patterns if fnmatch.fnmatchcase(name, pattern)), None)
+            for name in feature_names
+        ]
 
 
 class RunningNormalizer:
@@ -99,22 +128,42 @@ class StateBuilder:
     decision), which keeps the layout trivially the one the policy sees.
     ``schema_hash``, when given, is stored with the state and checked on load, so a
     state saved under another feature schema of the same width is refused.
+    ``fixed_scales`` (one entry per feature, None for the running z-score) divides the
+    features whose level matters by a fixed scale instead.
     """
 
-    def __init__(self, dim: int, window: int = 16, clip: float = 5.0, schema_hash: str | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        window: int = 16,
+        clip: float = 5.0,
+        schema_hash: str | None = None,
+        fixed_scales: Sequence[float | None] | None = None,
+    ) -> None:
         if window <= 0:
             raise ValueError(f"window must be positive, got {window}")
         self.normalizer = RunningNormalizer(dim, clip)
         self.dim = dim
         self.window = window
         self.schema_hash = schema_hash
+        scales = list(fixed_scales) if fixed_scales is not None else [None] * dim
+        if len(scales) != dim:
+            raise ValueError(f"expected {dim} fixed scales (None for running), got {len(scales)}")
+        self._fixed = np.array([scale is not None for scale in scales], dtype=bool)
+        self._scales = np.array([scale if scale is not None else 1.0 for scale in scales], dtype=np.float64)
+        if not np.all(self._scales > 0):
+            raise ValueError("fixed scales must be positive")
         self._rows = np.zeros((window, dim), dtype=np.float64)
 
     def update(self, vector: np.ndarray) -> np.ndarray:
         """Add one raw feature vector; returns the new ``[window, dim]`` state (a copy)."""
         self.normalizer.update(vector)
+        row = self.normalizer.normalize(vector)
+        if self._fixed.any():
+            fixed = np.asarray(vector, dtype=np.float64)[self._fixed] / self._scales[self._fixed]
+            row[self._fixed] = np.clip(fixed, -self.normalizer.clip, self.normalizer.clip)
         self._rows[:-1] = self._rows[1:]
-        self._rows[-1] = self.normalizer.normalize(vector)
+        self._rows[-1] = row
         return self.state()
 
     def state(self) -> np.ndarray:

@@ -7,7 +7,7 @@ on with its hash, the redacted training settings and the sha256 of the model fil
 An agent only makes sense on the observations it was trained on. The observation schema
 is everything that gives a state's numbers their meaning: the feature engine's schema
 (names, order, module configs: :meth:`FeatureEngine.schema_hash
-<bot.features.engine.FeatureEngine.schema_hash>`), the state builder's window and clip,
+<bot.features.engine.FeatureEngine.schema_hash>`), the state builder's window, clip and fixed scales,
 and the decision interval (the time one row of the window spans). The loader rebuilds
 it from the running settings and refuses a model whose schema differs, with a one-line
 error naming what changed.
@@ -45,6 +45,7 @@ def observation_schema(settings: Any) -> dict[str, Any]:
         "feature_names": list(features.feature_names),
         "window": settings.state.window,
         "clip": settings.state.clip,
+        "fixed_scales": settings.state.scales_for(features.feature_names),
         "decision_interval_s": settings.run.decision_interval_s,
     }
 

@@ -151,6 +151,39 @@ def test_config_defaults_and_validation() -> None:
         StateBuilderConfig(clip=-1.0)
 
 
+def test_fixed_scale_features_keep_their_level_and_sign() -> None:
+    # A funding rate of +1 bp all along and one of −5 bp all along z-score to the same 0;
+    # with a fixed scale they read +1 and −5, and the running features are untouched.
+    rows = {}
+    for funding in (1e-4, -5e-4):
+        builder = StateBuilder(2, window=1, fixed_scales=[1e-4, None])
+        free = StateBuilder(2, window=1)
+        for value in (1.0, 2.0, 3.0):
+            state = builder.update(np.array([funding, value]))
+            running = free.update(np.array([funding, value]))
+        rows[funding] = state[-1]
+        assert running[-1, 0] == 0.0  # what the running z-score makes of a constant
+        assert state[-1, 1] == running[-1, 1]
+    assert rows[1e-4][0] == pytest.approx(1.0) and rows[-5e-4][0] == pytest.approx(-5.0)
+    clipped = StateBuilder(1, window=1, clip=5.0, fixed_scales=[1e-4]).update(np.array([-0.01]))
+    assert clipped[-1, 0] == -5.0
+    with pytest.raises(ValueError, match="fixed scales"):
+        StateBuilder(2, fixed_scales=[1.0])
+
+
+def test_config_matches_fixed_scale_patterns_to_feature_names() -> None:
+    config = StateBuilderConfig(fixed_scales={"*.funding": 1e-4, "position.*": 1.0})
+    names = ["market.SYNTH:BTCUSDT-PERP.funding", "market.SYNTH:BTCUSDT-PERP.basis", "position.X.exposure"]
+    assert config.scales_for(names) == [1e-4, None, 1.0]
+    assert StateBuilderConfig().scales_for(["market.P.funding", "market.P.basis", "market.P.ret_1m"]) == [
+        1e-4,
+        1e-4,
+        None,
+    ]
+    with pytest.raises(ValueError, match="positive"):
+        StateBuilderConfig(fixed_scales={"*.funding": 0.0})
+
+
 @settings(max_examples=50, deadline=None)
 @given(arrays(np.float64, (20, 3), elements=st.floats(-1e12, 1e12, allow_nan=False)))
 def test_states_are_always_finite_and_within_clip(data: np.ndarray) -> None:

@@ -115,10 +115,28 @@ def test_trained_model_loads_as_a_policy_and_acts_deterministically(
     assert all(-0.2 <= target <= 0.2 for target in first.values())
 
 
+def test_the_agent_reads_only_the_newest_row_of_the_state_window(settings: Settings, trained: Path) -> None:
+    policy = load_policy(f"ppo:{trained}", settings=settings)
+    assert isinstance(policy, PPOPolicy)
+    window, dim = settings.state.window, policy.model.policy.features_extractor.features_dim
+    state = np.random.default_rng(5).uniform(-2.0, 2.0, (window, dim)).astype(np.float32)
+    older_changed = state.copy()
+    older_changed[:-1] = -older_changed[:-1]
+    newest_changed = state.copy()
+    newest_changed[-1] = -newest_changed[-1]
+
+    def act(rows: np.ndarray) -> np.ndarray:
+        return policy.model.predict(rows.reshape(-1), deterministic=True)[0]
+
+    assert np.array_equal(act(state), act(older_changed))
+    assert not np.array_equal(act(state), act(newest_changed))
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
         ({"state": {"window": 8}}, "window 16 → 8"),
+        ({"state": {"fixed_scales": {"*.funding": 1e-3}}}, "fixed_scales"),
         ({"run": {"decision_interval_s": 30.0}}, "decision_interval_s 60.0 → 30.0"),
         (
             {"features": {"modules": [{"name": "market", "params": {}}, {"name": "surface", "params": {}}]}},
