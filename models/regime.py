@@ -6,14 +6,14 @@ honestly (issue 6, item 6).
 
 * **Data.** ``regime_paths`` simulates the synthetic market's physics (``adapters/synthetic.py``): the
   ``BULL`` and ``CRASH`` regimes of ``models.simulation``, stepped every ``sub_s`` (5 minutes) by
-  ``models.simulation.step`` (QE) with the current regime's dynamics, the regime chain sampled exactly on
-  the step grid (``expm(Q dt)``) and the variance jumping up to the crash's θ on entering a crash.
+  ``models.simulation.markov_heston_steps`` (QE) with the current regime's dynamics, the regime chain sampled
+  exactly on the step grid (``expm(Q dt)``) and the variance jumping up to the crash's θ on entering a crash.
   ``simulate_regimes`` has the same chain and steps but no entry jump; without it the crash's κ = 0.5 takes
   months to show in prices, which is not the market the bot trades (``entry_variance=None`` gives that
-  pure-Heston world). Paths start in bull at the bull's v0. Labels are exact: a bar's label is the regime
-  that drives its last 5-minute step. Default switch rates are 12 (leaving bull) and 26 (leaving crash) per
-  year: the market's crash exit rate, but bull spells of a month instead of three, so that every held-out
-  path holds several bull → crash switches (about 8 per simulated year).
+  pure-Heston world). Paths start in bull at the bull's v0. Labels are exact: a bar's label is the regime that
+  drives its last 5-minute step. Default switch rates are 12 (leaving bull) and 26 (leaving crash) per year:
+  the market's crash exit rate, but bull spells of a month instead of three, so that every held-out path holds
+  several bull → crash switches (about 8 per simulated year).
 * **Bars.** Hourly bars (``bar_s`` = 3600) of 5-minute closes; features in the order of ``FEATURES``:
   ``ret`` the bar's log return and ``log_rv`` the log of its annualised realised variance from its twelve
   5-minute log returns (floored at ``RV_FLOOR``). ``bar_features`` computes them for the simulation, the
@@ -76,7 +76,7 @@ from tqdm.auto import tqdm
 
 from models import grid
 from models.heston import iv_surface
-from models.simulation import BULL, CRASH, Regime, generator_matrix, step, transition_matrix
+from models.simulation import BULL, CRASH, Regime, markov_heston_steps
 from models.surrogate import ThreadLimit, grid_meta, load_checked
 
 FORMAT_VERSION = 1
@@ -272,32 +272,14 @@ def regime_paths(n_paths: int, n_bars: int, seed: int, leave_rates: tuple[float,
     dt = sub_s / SECONDS_PER_YEAR
     rng = np.random.default_rng(seed)
     rates = np.array([[0.0, leave_rates[0]], [leave_rates[1], 0.0]])
-    cumulative = np.cumsum(transition_matrix(generator_matrix(rates), dt), axis=1)
-    state = np.zeros(n_paths, dtype=np.int64)
-    v = np.full(n_paths, REGIMES[0].params.v0)
-    log_s = np.zeros(n_paths)
     log_closes = np.zeros((n_paths, n_bars * m + 1))
     labels = np.empty((n_paths, n_bars), dtype=np.int64)
     v_close = np.empty((n_paths, n_bars))
-    for k in range(n_bars * m):
+    for k, sub in enumerate(markov_heston_steps(REGIMES, rates, np.zeros(n_paths, dtype=np.int64), dt,
+                                                n_bars * m, rng, (None, entry_variance))):
+        log_closes[:, k + 1] = sub.log_s
         if k % m == m - 1:
-            labels[:, k // m] = state
-        z = rng.standard_normal((2, n_paths))
-        uniforms = rng.random(n_paths)
-        for index, regime in enumerate(REGIMES):
-            paths = np.flatnonzero(state == index)
-            if paths.size:
-                log_s[paths], v[paths] = step(log_s[paths], v[paths], regime.params, regime.mu, dt,
-                                              z[0, paths], z[1, paths])
-        v = np.maximum(v, 0.0)
-        if k % m == m - 1:
-            v_close[:, k // m] = v
-        new_state = (uniforms[:, None] >= cumulative[state, :-1]).sum(axis=1)
-        if entry_variance is not None:
-            entered = (new_state == 1) & (state == 0)
-            v[entered] = np.maximum(v[entered], entry_variance)
-        state = new_state
-        log_closes[:, k + 1] = log_s
+            labels[:, k // m], v_close[:, k // m] = sub.regime, sub.v_end
     features, rv = bar_features(np.exp(log_closes), m, bar_s)
     iv = None if iv_tenor_days is None else atm_iv(labels, v_close, iv_maturity(iv_tenor_days))
     return RegimeData(features, rv, labels, time.perf_counter() - started, iv)

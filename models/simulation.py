@@ -22,7 +22,7 @@ caller so that another component can correlate several assets or stream one step
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Literal, NamedTuple
@@ -393,3 +393,67 @@ def simulate_regimes(
     prices = np.exp(log_paths, out=log_paths)
     prices[0] = spot
     return RegimePaths(prices, var_paths, labels)
+
+
+class MarkovHestonStep(NamedTuple):
+    """One step of :func:`markov_heston_steps`, all arrays (n_paths,) and fresh (never written to again).
+
+    ``regime`` drives the step and ``v_start`` is the variance it starts from (after any entry jump);
+    ``log_s`` and ``v_end`` are the state at its end, ``v_end`` clamped at 0 and before the entry jump
+    of the regime the path switches into at that instant.
+    """
+
+    regime: np.ndarray
+    v_start: np.ndarray
+    log_s: np.ndarray
+    v_end: np.ndarray
+
+
+def markov_heston_steps(
+    regimes: Sequence[Regime],
+    intensities: np.ndarray | Sequence[Sequence[float]],
+    initial: np.ndarray,
+    dt: float,
+    steps: int,
+    rng: np.random.Generator,
+    entry_variance: Sequence[float | None],
+) -> Iterator[MarkovHestonStep]:
+    """The synthetic market's physics, one step at a time: QE Heston under a per-path Markov regime chain.
+
+    Why: the regime detector's and the world model's training data are both this loop, and their trained
+    models depend on its exact draws, so it exists once. Unlike :func:`simulate_regimes` the chain is
+    drawn step by step, interleaved with the normals, and a path entering regime ``i`` has its variance
+    raised to at least ``entry_variance[i]`` (unless ``None``): the crash-entry jump.
+
+    Paths start in the regimes ``initial`` (n_paths,) at their ``v0`` and ``ln S = 0``. Each step draws
+    ``z = rng.standard_normal((2, n_paths))`` and then ``rng.random(n_paths)``, steps each regime's paths
+    by :func:`step` (row 0 ``z_v``, row 1 ``z_s``), clamps the variance at 0, samples the next regimes
+    exactly (``expm(Q dt)``) and applies the entry jumps.
+    """
+    cumulative = np.cumsum(transition_matrix(generator_matrix(intensities), dt), axis=1)
+    if not cumulative.shape[0] == len(regimes) == len(entry_variance):
+        raise ValueError("intensities, regimes and entry_variance need one entry per regime")
+    state = np.asarray(initial, dtype=np.int64)
+    if state.ndim != 1 or ((state < 0) | (state >= len(regimes))).any():
+        raise ValueError(f"initial must be regime indices (n_paths,) in 0..{len(regimes) - 1}")
+    n_paths = state.size
+    v = np.array([regime.params.v0 for regime in regimes])[state]
+    log_s = np.zeros(n_paths)
+    for _ in range(steps):
+        z = rng.standard_normal((2, n_paths))
+        uniforms = rng.random(n_paths)
+        log_next, v_next = np.empty(n_paths), np.empty(n_paths)
+        for index, regime in enumerate(regimes):
+            paths = np.flatnonzero(state == index)
+            if paths.size:
+                log_next[paths], v_next[paths] = step(log_s[paths], v[paths], regime.params, regime.mu, dt,
+                                                      z[0, paths], z[1, paths])
+        v_end = np.maximum(v_next, 0.0)
+        next_state = _next_states(cumulative, state, uniforms)
+        v_jumped = v_end.copy()
+        for index, entry in enumerate(entry_variance):
+            entered = (next_state == index) & (state != index)
+            if entry is not None and entered.any():
+                v_jumped[entered] = np.maximum(v_jumped[entered], entry)
+        yield MarkovHestonStep(state, v, log_next, v_end)
+        state, v, log_s = next_state, v_jumped, log_next

@@ -9,9 +9,9 @@ The pieces, in the order the pipeline runs:
 * **Data.** ``surface_sequences``: regime-switching Heston paths with the synthetic market's physics
   (``adapters/synthetic.py`` / ``config/default.toml [market]``): the ``BULL`` and ``CRASH`` regimes of
   ``models.simulation``, leaving rates 4 and 26 per year, variance jumping up to the crash's θ on entering
-  a crash, steps by ``models.simulation.step`` (QE) with the current regime's dynamics, then the regime
-  chain advanced exactly (``expm(Q dt)``). At each step the surface is ``iv_surface`` of the current
-  regime's (κ, θ, σ, ρ) with ``v0`` = the path's current variance, as the synthetic market prices it.
+  a crash, steps by ``models.simulation.markov_heston_steps`` (QE) with the current regime's dynamics, then
+  the regime chain advanced exactly (``expm(Q dt)``). At each step the surface is ``iv_surface`` of the
+  current regime's (κ, θ, σ, ρ) with ``v0`` = the path's current variance, as the synthetic market prices it.
   Paths start from the chain's stationary law after a burn-in, so crashes appear at their natural share.
   Far-OTM short-dated points of a calm surface can price below the quadrature's floor (IV 0 or NaN);
   they are filled flat from the nearest valid strike of the same maturity (counted in ``n_filled``).
@@ -42,6 +42,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -52,7 +53,7 @@ from torch import nn
 
 from models import grid
 from models.heston import iv_surface
-from models.simulation import BULL, CRASH, Regime, generator_matrix, step, transition_matrix
+from models.simulation import BULL, CRASH, Regime, generator_matrix, markov_heston_steps
 from models.surrogate import IV_FLOOR, SurfacePCA, ThreadLimit, grid_hash, grid_meta, load_checked
 
 FORMAT_VERSION = 1
@@ -157,29 +158,13 @@ def surface_sequences(
                                    float(data["seconds"]), from_cache=True)
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
-    cumulative = np.cumsum(transition_matrix(generator_matrix(_rate_matrix(leave_rates)), dt), axis=1)
-    state = rng.choice(len(regimes), size=n_paths, p=stationary_distribution(leave_rates))
-    v = np.array([regimes[s].params.v0 for s in state], dtype=np.float64)
-    log_s = np.zeros(n_paths)
+    initial = rng.choice(len(regimes), size=n_paths, p=stationary_distribution(leave_rates))
     labels = np.empty((n_paths, steps), dtype=np.int64)
     variance = np.empty((n_paths, steps))
-    for k in range(burn_in + steps):
-        if k >= burn_in:
-            labels[:, k - burn_in], variance[:, k - burn_in] = state, v
-        z = rng.standard_normal((2, n_paths))
-        uniforms = rng.random(n_paths)
-        for index, regime in enumerate(regimes):
-            paths = np.flatnonzero(state == index)
-            if paths.size:
-                log_s[paths], v[paths] = step(log_s[paths], v[paths], regime.params, regime.mu, dt,
-                                              z[0, paths], z[1, paths])
-        v = np.maximum(v, 0.0)
-        new_state = (uniforms[:, None] >= cumulative[state, :-1]).sum(axis=1)
-        for index, entry in enumerate(entry_variance):
-            entered = (new_state == index) & (state != index)
-            if entry is not None and entered.any():
-                v[entered] = np.maximum(v[entered], entry)
-        state = new_state
+    chain = markov_heston_steps(regimes, _rate_matrix(leave_rates), initial, dt, burn_in + steps, rng,
+                                entry_variance)
+    for k, sub in enumerate(islice(chain, burn_in, None)):
+        labels[:, k], variance[:, k] = sub.regime, sub.v_start
     params = np.empty((n_paths * steps, 5))
     flat_labels, flat_var = labels.ravel(), variance.ravel()
     for index, regime in enumerate(regimes):
