@@ -247,13 +247,23 @@ class RegimeData:
 
     def inputs(self, names: Iterable[str]) -> np.ndarray:
         """Raw model inputs (n_paths, n_bars, F) in the order of ``names``."""
-        columns = {"ret": self.features[..., 0], "log_rv": self.features[..., 1]}
-        if self.atm_iv is not None:
-            columns[IV_FEATURE] = np.log(self.atm_iv)
-        missing = [n for n in names if n not in columns]
-        if missing:
-            raise ValueError(f"features {missing} were not simulated (regime_paths(..., iv_tenor_days=...))")
-        return np.stack([columns[n] for n in names], axis=-1)
+        return model_inputs(self.features, self.atm_iv, names)
+
+
+def model_inputs(features: np.ndarray, atm_iv: np.ndarray | None, names: Iterable[str]) -> np.ndarray:
+    """Raw model inputs (..., F) in the order of ``names`` from bar features (..., 2) and the closes' ATM IV.
+
+    The one mapping from bars to inputs, for training data and for the running feature module alike.
+    """
+    names = list(names)
+    columns = {"ret": features[..., 0], "log_rv": features[..., 1]}
+    if atm_iv is not None:
+        columns[IV_FEATURE] = np.log(atm_iv)
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise ValueError(f"features {missing} were not simulated or received (the IV input needs "
+                         "regime_paths(..., iv_tenor_days=...) or IVSurface events)")
+    return np.stack([columns[n] for n in names], axis=-1)
 
 
 def regime_paths(n_paths: int, n_bars: int, seed: int, leave_rates: tuple[float, float] = (12.0, 26.0),

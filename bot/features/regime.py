@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bot.events import Event, IVSurface, Quote, Trade, split_instrument
 from bot.features.base import FeatureModule, register_feature_module
+from bot.features.surface import SurfaceSnapshot
 
 log = structlog.get_logger(__name__)
 
@@ -103,8 +104,6 @@ class RegimeFeatures(FeatureModule):
             self._sampler.add(event.ts_recv, event.price)
         elif (isinstance(event, IVSurface) and self._iv_sampler is not None
               and event.underlying == self.config.underlying):
-            from bot.features.surface import SurfaceSnapshot
-
             try:
                 iv = float(SurfaceSnapshot(event).iv_at(np.zeros(1), self._maturity)[0])
             except ValueError as error:
@@ -113,7 +112,7 @@ class RegimeFeatures(FeatureModule):
             self._iv_sampler.add(event.ts_recv, iv)  # a non-positive or non-finite IV is ignored
 
     def compute(self, now_ns: int) -> dict[str, float]:
-        from models.regime import bar_features
+        from models.regime import bar_features, model_inputs
 
         self._sampler.advance(now_ns)
         if self._iv_sampler is not None:
@@ -128,11 +127,8 @@ class RegimeFeatures(FeatureModule):
                 self._n_bars = min(self._n_bars, iv.size)
             if self._n_bars >= 1:
                 features, _ = bar_features(closes, self._subs_per_bar, self._detector.config.bar_s)
-                columns = {"ret": features[:, 0], "log_rv": features[:, 1]}
-                if iv is not None:
-                    columns["log_atm_iv"] = np.log(iv)
-                inputs = np.stack([c[c.size - self._n_bars :] for c in (columns[n] for n in
-                                                                         self._detector.features)], axis=-1)
+                n = self._n_bars
+                inputs = model_inputs(features[-n:], None if iv is None else iv[-n:], self._detector.features)
                 self.last_inputs = inputs
                 self._prob = float(self._detector.predict_proba(inputs)[-1])
             self._last_bar = bar_end
