@@ -230,10 +230,11 @@ def world_settings(
     ``rebalance_threshold`` replaces the order manager's when given.
     """
     market = type(settings.market).model_validate({**settings.market.model_dump(), **world})
-    run = settings.run
+    snapshot_s = max(settings.run.snapshot_interval_s, market.step_s)
+    run_update: dict[str, float] = {"snapshot_interval_s": snapshot_s}
     if decision_interval_s is not None:
-        run = run.model_copy(update={"decision_interval_s": decision_interval_s})
-    run = run.model_copy(update={"snapshot_interval_s": max(run.snapshot_interval_s, market.step_s)})
+        run_update["decision_interval_s"] = decision_interval_s
+    run = settings.run.model_copy(update=run_update)
     risk = settings.risk.model_copy(
         update={"stale_after_s": max(settings.risk.stale_after_s, 2.0 * market.step_s)}
     )

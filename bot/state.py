@@ -149,8 +149,8 @@ class StateBuilder:
         scales = list(fixed_scales) if fixed_scales is not None else [None] * dim
         if len(scales) != dim:
             raise ValueError(f"expected {dim} fixed scales (None for running), got {len(scales)}")
-        self._fixed = np.array([scale is not None for scale in scales], dtype=bool)
-        self._scales = np.array([scale if scale is not None else 1.0 for scale in scales], dtype=np.float64)
+        self._fixed = np.array([i for i, scale in enumerate(scales) if scale is not None], dtype=np.int64)
+        self._scales = np.array([scale for scale in scales if scale is not None], dtype=np.float64)
         if not np.all(self._scales > 0):
             raise ValueError("fixed scales must be positive")
         self._rows = np.zeros((window, dim), dtype=np.float64)
@@ -159,8 +159,8 @@ class StateBuilder:
         """Add one raw feature vector; returns the new ``[window, dim]`` state (a copy)."""
         self.normalizer.update(vector)
         row = self.normalizer.normalize(vector)
-        if self._fixed.any():
-            fixed = np.asarray(vector, dtype=np.float64)[self._fixed] / self._scales[self._fixed]
+        if self._fixed.size:
+            fixed = np.asarray(vector, dtype=np.float64)[self._fixed] / self._scales
             row[self._fixed] = np.clip(fixed, -self.normalizer.clip, self.normalizer.clip)
         self._rows[:-1] = self._rows[1:]
         self._rows[-1] = row
