@@ -172,6 +172,11 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
         unknown = [i for i in self.instruments if i not in known]
         if unknown:
             raise ValueError(f"the market has no instruments {unknown}")
+        benchmark = self.config.reward.benchmark
+        if benchmark is not None and benchmark not in self.instruments:
+            raise ValueError(
+                f"the reward's benchmark {benchmark!r} is not a traded instrument {self.instruments}"
+            )
         self.decision_interval_s = self.config.decision_interval_s or settings.run.decision_interval_s
         self._episode_settings = settings.model_copy(
             update={"run": settings.run.model_copy(update={"decision_interval_s": self.decision_interval_s})}
@@ -196,6 +201,7 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
         self._done = False
         self._step_fills = 0
         self._step_notional = 0.0
+        self._benchmark_mark = math.nan
         self.events_fed = 0
         self.market_seed: int | None = None
         self.episode_start_ns: int | None = None
@@ -229,6 +235,7 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
         self._observation = observation
         equity = engine.portfolio.equity()
         self._reward.reset(equity)
+        self._benchmark_mark = self._mark_of_benchmark()
         self._record = _EpisodeRecord()  # warm-up fills are not the agent's
         self._record.start_funding = engine.portfolio.total_funding
         self._sample(observation.ts_ns)
@@ -255,7 +262,7 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
         portfolio = engine.portfolio
         equity = portfolio.equity()
         gross = portfolio.gross_exposure() if equity > 0 else 0.0
-        terms = self._reward.step(equity, self._step_notional, gross)
+        terms = self._reward.step(equity, self._step_notional, gross, self._market_return())
         self._sample(engine.bus.clock.now_ns() if observation is None else observation.ts_ns)
 
         ruined = equity <= self.config.ruin_fraction * portfolio.initial_cash
@@ -265,6 +272,7 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
         info = self._info(equity)
         info["reward_terms"] = {
             "pnl": terms.pnl,
+            "market": terms.market,
             "turnover": terms.turnover,
             "drawdown": terms.drawdown,
             "leverage": terms.leverage,
@@ -404,6 +412,27 @@ class TradingEnv(gym.Env[np.ndarray, np.ndarray]):
             engine.bus.feed(event)
             self.events_fed += 1
         return pending.popleft()
+
+    def _mark_of_benchmark(self) -> float:
+        """The reward benchmark's mark now (NaN without a benchmark or before its first price)."""
+        benchmark = self.config.reward.benchmark
+        mark = None if benchmark is None else self.engine.portfolio.mark(benchmark)
+        return math.nan if mark is None else mark
+
+    def _market_return(self) -> float:
+        """What the benchmark's move over the step made on the net exposure, per unit of starting equity.
+
+        With the traded instruments on the benchmark's underlying, a position of ``q`` made
+        ``q · ΔP = notional_now · r / (1 + r)`` for the benchmark's return ``r``; positions are
+        taken in the first moments of a step, so the step's closing notional is what was held.
+        """
+        previous, mark = self._benchmark_mark, self._mark_of_benchmark()
+        self._benchmark_mark = mark
+        if not (previous > 0 and mark > 0):
+            return 0.0
+        portfolio = self.engine.portfolio
+        net = math.fsum(portfolio.notional(instrument) for instrument in self.instruments)
+        return net * (mark - previous) / mark / self._reward.equity_before
 
     def _on_fill(self, fill: Fill) -> None:
         notional = fill.quantity * fill.price

@@ -4,6 +4,7 @@ A step is the time between two decisions. Its reward, in reward units of ``pnl_s
 per unit of equity (100: percent), is
 
     r_t            = (E_t − E_{t−1}) / E_{t−1}                       relative equity change
+    − m_t                                                           the market's part of it (optional)
     − turnover     · traded_notional_t / E_{t−1}                    churn beyond the venue's fees
     − drawdown     · max(0, dd_t − max(dd_0..dd_{t−1}))             a new maximum drawdown hurts twice
     − leverage     · max(0, gross_t − 1) · Δt                       gross exposure above 1× equity
@@ -14,6 +15,13 @@ from the episode's peak (so the drawdown terms of an episode add up to ``drawdow
 its maximum drawdown), ``σ̂_t`` the annualised realised volatility of the last
 ``vol_window`` step returns (no mean subtracted; no vol term until the window is full,
 since a handful of returns says little), ``Δt`` the step in years.
+
+``m_t`` is zero unless ``benchmark`` names an instrument: then it is what holding that
+instrument at the portfolio's net exposure made over the step, so the reward is the return in
+excess of the market's move. Why: an agent exploring spot against perp otherwise sees its
+funding and basis edge (a few bps a step) under the market noise of its exploration (tens of
+bps); the realised volatility term still sees the whole return, so outright exposure is still
+charged, and the metrics (Sharpe, returns) always use the actual equity.
 
 Why these units: the turnover and drawdown terms are costs per unit of something that
 happened (notional traded, maximum drawdown extended), so they are charged when it happens; the
@@ -51,6 +59,13 @@ class RewardConfig(BaseModel):
     target_vol: float = Field(0.15, gt=0, description="annualised volatility of step returns aimed at")
     vol_penalty: float = Field(2.0, ge=0, description="annual cost per squared unit of vol off target")
     vol_window: int = Field(60, ge=2, description="step returns in the rolling realised volatility")
+    benchmark: str | None = Field(
+        None,
+        description=(
+            "reward the return in excess of holding this instrument at the net exposure of the traded "
+            "ones (which must share its underlying); None: the plain return"
+        ),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +74,7 @@ class RewardTerms:
 
     reward: float
     pnl: float
+    market: float
     turnover: float
     drawdown: float
     leverage: float
@@ -90,12 +106,23 @@ class RewardEngine:
         self._drawdown = self._max_drawdown = 0.0
 
     @property
+    def equity_before(self) -> float:
+        """Equity at the start of the coming step (the end of the latest one)."""
+        return self._equity
+
+    @property
     def drawdown(self) -> float:
         """Drawdown from the episode's peak after the latest step."""
         return self._drawdown
 
-    def step(self, equity: float, traded_notional: float, gross_exposure: float) -> RewardTerms:
-        """Reward of the step that ended at ``equity`` after trading ``traded_notional`` USDT."""
+    def step(
+        self, equity: float, traded_notional: float, gross_exposure: float, market_return: float = 0.0
+    ) -> RewardTerms:
+        """Reward of the step that ended at ``equity`` after trading ``traded_notional`` USDT.
+
+        ``market_return`` is ``m_t``, the benchmark's move on the net exposure as a fraction of the
+        step's starting equity; it is ignored unless the config names a benchmark.
+        """
         previous = self._equity
         if not previous > 0:
             raise ValueError("call reset() with positive equity before step()")
@@ -115,6 +142,9 @@ class RewardEngine:
 
         scale = config.pnl_scale
         pnl = scale * step_return
+        market = scale * market_return if config.benchmark is not None else 0.0
+        if not math.isfinite(market):
+            raise ValueError(f"market_return must be finite, got {market_return}")
         turnover = scale * config.turnover_penalty * abs(traded_notional) / previous
         drawdown_cost = scale * config.drawdown_penalty * extended
         leverage = scale * config.leverage_penalty * max(0.0, gross_exposure - 1.0) * self.step_years
@@ -124,8 +154,9 @@ class RewardEngine:
             else 0.0
         )
         return RewardTerms(
-            reward=pnl - turnover - drawdown_cost - leverage - volatility,
+            reward=pnl - market - turnover - drawdown_cost - leverage - volatility,
             pnl=pnl,
+            market=market,
             turnover=turnover,
             drawdown=drawdown_cost,
             leverage=leverage,

@@ -68,7 +68,7 @@ from strategies.ppo import (
     observation_schema,
     schema_hash,
 )
-from strategies.ppo_network import RecentFramesExtractor
+from strategies.ppo_network import EpisodeNoiseCallback, EpisodeNoisePolicy, RecentFramesExtractor
 
 NANOS_PER_SECOND = 1_000_000_000
 # The default market at 5-minute steps, one trade per instrument per ~8 min, a surface every 15 min
@@ -105,6 +105,13 @@ class PPOConfig(BaseModel):
     frames: int | None = Field(
         1, ge=1, description="newest rows of the state window the network reads; None: the whole window"
     )
+    episode_noise: bool = Field(
+        False, description="exploration noise drawn once per episode (held offsets) instead of every step"
+    )
+    use_sde: bool = Field(False, description="state-dependent exploration (gSDE) instead of per-step noise")
+    sde_sample_freq: int = Field(
+        -1, ge=-1, description="with gSDE: steps between noise draws; -1 once per rollout"
+    )
 
 
 class WalkForwardConfig(BaseModel):
@@ -136,7 +143,11 @@ def default_training_env() -> EnvConfig:
         max_exposure=0.5,
         max_start_offset_s=28_800.0,
         reward=RewardConfig(
-            target_vol=0.01, vol_penalty=100.0, vol_window=3, turnover_penalty=0.0002, leverage_penalty=0.0
+            target_vol=0.01,
+            vol_penalty=100.0,
+            vol_window=3,
+            turnover_penalty=0.0002,
+            leverage_penalty=0.0,
         ),
     )
 
@@ -465,8 +476,10 @@ def train_ppo(settings: Settings, config: TrainConfig) -> Path:
     instruments = validation_env.instruments
     hyper = config.ppo
     tensorboard_dir = config.out.parent / "tensorboard" if config.tensorboard else None
+    if hyper.episode_noise and hyper.use_sde:
+        raise ValueError("ppo.episode_noise and ppo.use_sde are two exploration schemes: choose one")
     model = PPO(
-        "MlpPolicy",
+        EpisodeNoisePolicy if hyper.episode_noise else "MlpPolicy",
         vec_env,
         learning_rate=hyper.learning_rate,
         n_steps=hyper.n_steps,
@@ -478,6 +491,8 @@ def train_ppo(settings: Settings, config: TrainConfig) -> Path:
         ent_coef=hyper.ent_coef,
         vf_coef=hyper.vf_coef,
         max_grad_norm=hyper.max_grad_norm,
+        use_sde=hyper.use_sde,
+        sde_sample_freq=hyper.sde_sample_freq,
         policy_kwargs=policy_kwargs(hyper, validation_env),
         tensorboard_log=str(tensorboard_dir) if tensorboard_dir is not None else None,
         seed=config.seed,
@@ -509,10 +524,13 @@ def train_ppo(settings: Settings, config: TrainConfig) -> Path:
         lambda m, result: save(m, config.out, result),
         config.eval_every_steps,
     )
+    callbacks: list[BaseCallback] = [EpisodeMetricsCallback(), validation]
+    if hyper.episode_noise:
+        callbacks.append(EpisodeNoiseCallback())
     try:
         model.learn(
             total_timesteps=config.timesteps,
-            callback=CallbackList([EpisodeMetricsCallback(), validation]),
+            callback=CallbackList(callbacks),
             tb_log_name="ppo",
             progress_bar=config.progress_bar,
         )

@@ -1,4 +1,4 @@
-"""The PPO agent's feature extractor: the newest rows of the state window, not all of it.
+"""The PPO agent's network parts: what it reads of the state, and how it explores.
 
 The state is ``[window, dim]``, flattened for SB3's MLP. The market features already
 summarise history (returns over several horizons, realised volatility over windows), so
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gymnasium as gym
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 
@@ -30,3 +32,62 @@ class RecentFramesExtractor(BaseFeaturesExtractor):
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         return observations[:, self.start :]
+
+
+class EpisodeNoisePolicy(ActorCriticPolicy):
+    """Actor-critic whose exploration noise is drawn once per episode instead of every step.
+
+    Why: per-step noise makes every step trade (fees) and holds each trial position for one
+    step, so an edge of a basis point per step drowns in the noise of the trials. Holding one
+    draw ``ε`` per environment for a whole episode (action ``μ(s) + σ ε``) tries each offset
+    long enough to see what it earns and trades only when ``μ(s)`` moves. Each step's action
+    is still distributed ``N(μ(s), σ²)``, whose likelihood PPO uses unchanged; this is the
+    coloured-noise end of "Pink Noise Is All You Need" (Eberhard et al., ICLR 2023).
+    :class:`EpisodeNoiseCallback` redraws a row of :attr:`episode_noise` when its episode ends.
+    Deterministic actions (validation, the bot) are ``μ(s)``, as with any SB3 policy.
+    """
+
+    episode_noise: torch.Tensor | None = None
+
+    def draw_noise(self, n_envs: int, rows: torch.Tensor | None = None) -> None:
+        """Fresh noise for all ``n_envs`` environments, or only for the boolean ``rows``."""
+        shape = (n_envs, *self.action_space.shape)
+        if self.episode_noise is None or self.episode_noise.shape != shape or rows is None:
+            self.episode_noise = torch.randn(shape, device=self.device)
+        else:
+            self.episode_noise[rows] = torch.randn_like(self.episode_noise[rows])
+
+    def forward(
+        self, obs: torch.Tensor, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        noise = self.episode_noise
+        if deterministic or noise is None or obs.shape[0] != noise.shape[0]:
+            return super().forward(obs, deterministic)
+        features = self.extract_features(obs)
+        if self.share_features_extractor:
+            latent_pi, latent_vf = self.mlp_extractor(features)
+        else:
+            pi_features, vf_features = features
+            latent_pi = self.mlp_extractor.forward_actor(pi_features)
+            latent_vf = self.mlp_extractor.forward_critic(vf_features)
+        distribution = self._get_action_dist_from_latent(latent_pi)
+        gaussian = distribution.distribution
+        actions = gaussian.mean + gaussian.stddev * noise.reshape(gaussian.mean.shape)
+        log_prob = distribution.log_prob(actions)
+        return actions.reshape((-1, *self.action_space.shape)), self.value_net(latent_vf), log_prob
+
+
+class EpisodeNoiseCallback(BaseCallback):
+    """Draws an :class:`EpisodeNoisePolicy`'s noise at the start of training and at each episode's end."""
+
+    def _on_training_start(self) -> None:
+        policy = self.model.policy
+        if not isinstance(policy, EpisodeNoisePolicy):
+            raise TypeError(f"episode noise needs an EpisodeNoisePolicy, got {type(policy).__name__}")
+        policy.draw_noise(self.training_env.num_envs)
+
+    def _on_step(self) -> bool:
+        dones = torch.as_tensor(self.locals["dones"], dtype=torch.bool)
+        if dones.any():
+            self.model.policy.draw_noise(self.training_env.num_envs, dones)
+        return True

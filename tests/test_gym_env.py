@@ -254,6 +254,35 @@ def test_subprocess_vector_env_with_two_workers(settings: Settings) -> None:
         np.testing.assert_array_equal(env.step(zeros)[0], observations[worker])
 
 
+
+def test_benchmark_reward_removes_the_market_move_of_the_net_exposure(settings: Settings) -> None:
+    """Holding the benchmark outright earns its move and nothing else: the excess reward is zero."""
+    reward = RewardConfig(
+        benchmark="SYNTH:BTCUSDT", vol_penalty=0.0, turnover_penalty=0.0, drawdown_penalty=0.0
+    )
+    traded = ["SYNTH:BTCUSDT", "SYNTH:BTCUSDT-PERP"]
+    config = small_config(instruments=traded, max_exposure=0.5, reward=reward)
+    env = TradingEnv(settings, config)
+    env.reset(seed=5)
+    env.step(np.array([1.0, 0.0]))  # buys spot: fees and the first minute's move are the agent's own
+    held = [env.step(np.array([1.0, 0.0]))[4] for _ in range(3)]  # inside the no-trade band: no fills
+    assert all(info["fills"] == 0 for info in held)
+    assert all(abs(info["reward_terms"]["pnl"]) > 1e-6 for info in held)  # the market moved
+    for info in held:
+        assert info["reward_terms"]["market"] == pytest.approx(info["reward_terms"]["pnl"], rel=1e-9)
+    # spot against perp: the market's move cancels, the step keeps its basis and funding
+    env.reset(seed=5)
+    env.step(np.array([1.0, -1.0]))
+    hedged = env.step(np.array([1.0, -1.0]))[4]["reward_terms"]
+    assert abs(hedged["market"]) < 0.05 * max(abs(info["reward_terms"]["market"]) for info in held)
+
+
+def test_benchmark_must_be_a_traded_instrument(settings: Settings) -> None:
+    config = small_config(reward=RewardConfig(benchmark="SYNTH:ETHUSDT"))
+    with pytest.raises(ValueError, match="benchmark"):
+        TradingEnv(settings, config)
+
+
 # --- the reward engine ----------------------------------------------------------------------------
 
 STEP_YEARS = 60.0 / (365.0 * 86_400.0)
@@ -311,6 +340,17 @@ def test_volatility_off_target_once_the_window_is_full() -> None:
     assert later.realised_vol == pytest.approx(math.sqrt(sum(r * r for r in returns[1:]) / 3 / STEP_YEARS))
 
 
+def test_market_term_only_with_a_benchmark() -> None:
+    plain = quiet_reward().step(101.0, 0.0, 0.0, market_return=0.004)
+    assert plain.market == 0.0 and plain.reward == pytest.approx(1.0, rel=1e-12)
+    engine = RewardEngine(RewardConfig(benchmark="SYNTH:BTCUSDT", vol_penalty=0.0, turnover_penalty=0.0,
+                                       drawdown_penalty=0.0, leverage_penalty=0.0), step_seconds=60.0)
+    engine.reset(100.0)
+    terms = engine.step(101.0, 0.0, 0.0, market_return=0.004)
+    assert terms.market == pytest.approx(0.4, rel=1e-12)
+    assert terms.reward == pytest.approx(1.0 - 0.4, rel=1e-12)
+
+
 def test_reward_sums_its_terms_and_needs_a_reset() -> None:
     engine = RewardEngine(RewardConfig(vol_window=2), step_seconds=60.0)
     with pytest.raises(ValueError, match="reset"):
@@ -320,6 +360,6 @@ def test_reward_sums_its_terms_and_needs_a_reset() -> None:
     engine.reset(100.0)
     engine.step(99.0, 10.0, 1.2)
     terms = engine.step(98.0, 30.0, 1.3)
-    parts = terms.pnl - terms.turnover - terms.drawdown - terms.leverage - terms.volatility
+    parts = terms.pnl - terms.market - terms.turnover - terms.drawdown - terms.leverage - terms.volatility
     assert terms.reward == pytest.approx(parts, rel=1e-12)
     assert min(terms.turnover, terms.drawdown, terms.leverage, terms.volatility) > 0

@@ -12,6 +12,8 @@ import pytest
 import structlog
 import torch
 from pydantic import ValidationError
+from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from adapters.synthetic import SyntheticMarket
@@ -28,6 +30,7 @@ from backtest.train import (
     quiet_logging,
     train_main,
     train_ppo,
+    training_settings,
     walk_forward_windows,
     world_settings,
 )
@@ -35,6 +38,7 @@ from bot.journal import JournalWriter
 from config.settings import Settings, load_settings
 from strategies.base import load_policy
 from strategies.ppo import ModelSchemaError, PPOPolicy, metadata_path, observation_schema, schema_hash
+from strategies.ppo_network import EpisodeNoiseCallback, EpisodeNoisePolicy
 
 MINUTE_NS = 60 * 1_000_000_000
 
@@ -256,3 +260,54 @@ def test_evaluate_policies_scores_ppo_hold_and_trend_through_the_backtester(
     assert comparison.sharpe["trend"] == [
         direct.metrics.sharpe if math.isfinite(direct.metrics.sharpe) else 0.0
     ]
+
+
+def test_episode_noise_holds_one_draw_per_episode_and_trains_like_ppo(settings: Settings) -> None:
+    """Actions minus the policy's mean are one σ·ε per episode, redrawn when an episode ends."""
+    config = tiny_config(Path("unused.zip"))
+    env = TradingEnv(training_settings(settings, config), config.env)
+    model = PPO(EpisodeNoisePolicy, env, n_steps=16, batch_size=16, n_epochs=1, seed=3, device="cpu",
+                policy_kwargs={"net_arch": [16], "log_std_init": -1.0})
+
+    class Record(BaseCallback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.offsets: list[np.ndarray] = []
+            self.dones: list[bool] = []
+
+        def _on_step(self) -> bool:
+            observation = torch.as_tensor(self.locals["obs_tensor"])
+            with torch.no_grad():
+                gaussian = self.model.policy.get_distribution(observation).distribution
+            offset = (self.locals["actions"] - gaussian.mean.numpy()) / gaussian.stddev.numpy()
+            self.offsets.append(offset[0])
+            self.dones.append(bool(self.locals["dones"][0]))
+            return True
+
+    record = Record()
+    before = {k: v.clone() for k, v in model.policy.state_dict().items()}
+    model.learn(total_timesteps=32, callback=[EpisodeNoiseCallback(), record])
+    # episodes of 8 decisions: the callback order records each step's offset before the redraw
+    episodes = np.array(record.offsets).reshape(4, 8, -1)
+    assert record.dones == ([False] * 7 + [True]) * 4
+    for episode in episodes:
+        np.testing.assert_allclose(episode, np.broadcast_to(episode[0], episode.shape), atol=1e-5)
+    assert len({tuple(np.round(episode[0], 6)) for episode in episodes}) == 4
+    changed = [k for k, v in model.policy.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed  # PPO's update ran on the stored actions' likelihoods
+    observation, _ = env.reset(seed=0)
+    mean, _ = model.predict(observation, deterministic=True)
+    with torch.no_grad():
+        expected = model.policy.get_distribution(torch.as_tensor(observation[None])).distribution.mean
+    np.testing.assert_allclose(mean, np.clip(expected.numpy()[0], -1, 1), atol=1e-6)
+
+
+def test_episode_noise_needs_its_policy_and_excludes_gsde(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="choose one"):
+        both = PPOConfig(episode_noise=True, use_sde=True)
+        train_ppo(settings, tiny_config(tmp_path / "ppo.zip", ppo=both))
+    config = tiny_config(Path("unused.zip"))
+    env = TradingEnv(training_settings(settings, config), config.env)
+    with pytest.raises(TypeError, match="EpisodeNoisePolicy"):
+        plain = PPO("MlpPolicy", env, n_steps=16, batch_size=16, device="cpu")
+        plain.learn(16, callback=EpisodeNoiseCallback())
