@@ -18,6 +18,7 @@ from models.surrogate import (
     SurfaceLoss,
     SurfacePCA,
     SurfaceSet,
+    Surrogate,
     SurrogateConfig,
     SurrogateModel,
     bucket_masks,
@@ -216,10 +217,17 @@ def test_fast_predict_matches_the_module_forward(tiny_model: SurrogateModel,
     params = engine_sets[1].params
     with torch.no_grad():
         reference = tiny_model.net(torch.from_numpy(DOMAIN.to_unit(params)).float()).numpy()
-    np.testing.assert_allclose(tiny_model.predict(params), reference, rtol=2e-5, atol=1e-6)
+    predicted = tiny_model.predict(params)
+    np.testing.assert_allclose(predicted, reference, rtol=2e-5, atol=1e-6)
+    assert predicted.dtype == np.float32 and predicted.shape == (params.shape[0], *grid.SHAPE)
+    # Chunked prediction writes each chunk in place: the same surfaces as one chunk.
+    np.testing.assert_allclose(tiny_model.predict(params, batch_size=7), predicted, rtol=1e-6, atol=1e-7)
     assert tiny_model.predict(params[0]).shape == grid.SHAPE
     with pytest.raises(ValueError, match="outside the surrogate's domain"):
         tiny_model.predict(DOMAIN.hi * 2.0)
+    with pytest.raises(ValueError, match="outside the surrogate's domain"):
+        tiny_model.predict(np.where(np.arange(5) == 2, np.nan, DOMAIN.lo))
+    assert tiny_model.predict(np.empty((0, 5))).shape == (0, *grid.SHAPE)
 
 
 # ---------------------------------------------------------------------------------------------- persistence
@@ -229,7 +237,8 @@ def test_save_load_round_trip_and_grid_guard(tiny_model: SurrogateModel, tmp_pat
                                              engine_sets: tuple[SurfaceSet, SurfaceSet]) -> None:
     tiny_model.metrics = {"note": "kept"}
     path = tiny_model.save(tmp_path / "model.pt")
-    loaded = SurrogateModel.load(path)
+    loaded = Surrogate.load(path)  # the public API name
+    assert isinstance(loaded, SurrogateModel)
     params = engine_sets[1].params
     np.testing.assert_array_equal(loaded.predict(params), tiny_model.predict(params))
     assert loaded.config == tiny_model.config and loaded.domain == tiny_model.domain
