@@ -114,9 +114,19 @@ class ParameterDomain:
         """Upper bounds as a vector."""
         return np.asarray(self.upper, dtype=np.float64)
 
+    @property
+    def unit_scale(self) -> np.ndarray:
+        """Slope of ``to_unit`` per parameter: 2 / (hi − lo)."""
+        return 2.0 / (self.hi - self.lo)
+
+    @property
+    def unit_offset(self) -> np.ndarray:
+        """Intercept of ``to_unit`` per parameter: the box's lower face maps to −1."""
+        return -1.0 - self.lo * self.unit_scale
+
     def to_unit(self, params: ArrayLike) -> np.ndarray:
         """Affine map of the box onto [-1, 1]^5: the network's input scale."""
-        return 2.0 * (np.asarray(params, dtype=np.float64) - self.lo) / (self.hi - self.lo) - 1.0
+        return np.asarray(params, dtype=np.float64) * self.unit_scale + self.unit_offset
 
     def from_unit(self, unit: ArrayLike) -> np.ndarray:
         """Inverse of ``to_unit``."""
@@ -643,9 +653,8 @@ class SurrogateModel:
             raise ValueError(f"params must have shape (5,) or (n, 5) in order {PARAM_NAMES}, got {p.shape}")
         # ParameterDomain.to_unit as one fused torch pass: numpy's broadcasts over rows of five cost
         # more than the network's first layer.
-        scale = 2.0 / (self.domain.hi - self.domain.lo)
-        unit = torch.addcmul(torch.from_numpy(-1.0 - self.domain.lo * scale), torch.from_numpy(p),
-                             torch.from_numpy(scale))
+        unit = torch.addcmul(torch.from_numpy(self.domain.unit_offset), torch.from_numpy(p),
+                             torch.from_numpy(self.domain.unit_scale))
         if check_domain and p.shape[0] and not float(unit.abs().amax()) <= 1.0 + 2e-9:  # NaN fails too
             bad = int((~self.domain.contains(p)).sum())
             raise ValueError(f"{bad} parameter row(s) outside the surrogate's domain {self.domain.to_dict()}")
