@@ -33,6 +33,7 @@ world; the decision interval does, so it runs at the interval it was trained wit
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import logging
 import math
@@ -104,6 +105,14 @@ class PPOConfig(BaseModel):
     )
     frames: int | None = Field(
         1, ge=1, description="newest rows of the state window the network reads; None: the whole window"
+    )
+    inputs: list[str] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "globs of the feature names the network reads of each row (feature order kept); None: all. "
+            "The observation stays the full state, so the model runs on the same schema"
+        ),
     )
     episode_noise: bool = Field(
         False, description="exploration noise drawn once per episode (held offsets) instead of every step"
@@ -460,8 +469,23 @@ def policy_kwargs(hyper: PPOConfig, env: TradingEnv) -> dict[str, Any]:
         if not env.config.flatten:
             raise ValueError("ppo.frames needs flattened observations (env.flatten = true)")
         kwargs["features_extractor_class"] = RecentFramesExtractor
-        kwargs["features_extractor_kwargs"] = {"dim": len(env.feature_names), "frames": hyper.frames}
+        columns = None if hyper.inputs is None else input_columns(env.feature_names, hyper.inputs)
+        kwargs["features_extractor_kwargs"] = {
+            "dim": len(env.feature_names),
+            "frames": hyper.frames,
+            "columns": columns,
+        }
+    elif hyper.inputs is not None:
+        raise ValueError("ppo.inputs needs ppo.frames (the network reads the newest rows)")
     return kwargs
+
+
+def input_columns(feature_names: Sequence[str], patterns: Sequence[str]) -> list[int]:
+    """Indices of the features matching any of ``patterns`` (fnmatch globs), in feature order."""
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in feature_names)]
+    if unmatched:
+        raise ValueError(f"ppo.inputs {unmatched} match no feature of the state")
+    return [i for i, name in enumerate(feature_names) if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
 def train_ppo(settings: Settings, config: TrainConfig) -> Path:

@@ -4,10 +4,14 @@ The state is ``[window, dim]``, flattened for SB3's MLP. The market features alr
 summarise history (returns over several horizons, realised volatility over windows), so
 the older rows mostly add inputs whose noise a small agent learns to chase. Reading the
 last ``frames`` rows keeps the observation schema (and the engine) unchanged while the
-network sees ``frames · dim`` numbers.
+network sees ``frames · dim`` numbers. ``columns`` narrows each row further to chosen features:
+the synthetic market's edges (funding carry, crash risk in the IV surface) sit in a handful of its
+69 features, and every other input is one more noise source for the policy's mean to follow.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import gymnasium as gym
 import torch
@@ -17,9 +21,18 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 
 class RecentFramesExtractor(BaseFeaturesExtractor):
-    """Flattened ``[window, dim]`` observation → its last ``frames`` rows, flattened (oldest first)."""
+    """Flattened ``[window, dim]`` observation → its last ``frames`` rows (oldest first), flattened.
 
-    def __init__(self, observation_space: gym.spaces.Box, dim: int, frames: int = 1) -> None:
+    With ``columns``, only those feature indices of each row, in that order.
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        dim: int,
+        frames: int = 1,
+        columns: Sequence[int] | None = None,
+    ) -> None:
         size = int(observation_space.shape[-1]) if len(observation_space.shape) == 1 else None
         if size is None or dim <= 0 or size % dim:
             shape = observation_space.shape
@@ -27,11 +40,19 @@ class RecentFramesExtractor(BaseFeaturesExtractor):
         window = size // dim
         if not 1 <= frames <= window:
             raise ValueError(f"frames must be in [1, {window}], got {frames}")
-        super().__init__(observation_space, features_dim=frames * dim)
+        if columns is not None and (not columns or not all(0 <= c < dim for c in columns)):
+            raise ValueError(f"columns must be non-empty feature indices in [0, {dim}), got {columns}")
+        per_row = dim if columns is None else len(columns)
+        super().__init__(observation_space, features_dim=frames * per_row)
         self.start = size - frames * dim
+        self.index: torch.Tensor | None = None
+        if columns is not None:
+            rows = torch.arange(frames).unsqueeze(1) * dim
+            self.index = (rows + torch.as_tensor(list(columns))).reshape(-1)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
-        return observations[:, self.start :]
+        recent = observations[:, self.start :]
+        return recent if self.index is None else recent[:, self.index.to(recent.device)]
 
 
 class EpisodeNoisePolicy(ActorCriticPolicy):

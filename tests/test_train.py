@@ -136,6 +136,36 @@ def test_the_agent_reads_only_the_newest_row_of_the_state_window(settings: Setti
     assert not np.array_equal(act(state), act(newest_changed))
 
 
+def test_the_agent_reads_only_the_features_named_in_ppo_inputs(settings: Settings, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "ppo.zip")
+    inputs = ["*.funding", "position.*"]
+    config = config.model_copy(update={"ppo": config.ppo.model_copy(update={"inputs": inputs})})
+    policy = load_policy(f"ppo:{train_ppo(settings, config)}", settings=settings)
+    assert isinstance(policy, PPOPolicy)
+    names = TradingEnv(settings, EnvConfig(episode_decisions=2, warmup_decisions=2)).feature_names
+    read = [i for i, name in enumerate(names) if name.endswith(".funding") or name.startswith("position.")]
+    assert policy.model.policy.features_extractor.features_dim == len(read) < len(names)
+    shape = (settings.state.window, len(names))
+    state = np.random.default_rng(6).uniform(-2.0, 2.0, shape).astype(np.float32)
+    unread_changed, read_changed = state.copy(), state.copy()
+    unread = [i for i in range(len(names)) if i not in read]
+    unread_changed[-1, unread] = -unread_changed[-1, unread]
+    read_changed[-1, read] = -read_changed[-1, read]
+
+    def act(rows: np.ndarray) -> np.ndarray:
+        return policy.model.predict(rows.reshape(-1), deterministic=True)[0]
+
+    assert np.array_equal(act(state), act(unread_changed))
+    assert not np.array_equal(act(state), act(read_changed))
+
+
+def test_ppo_inputs_that_match_no_feature_are_refused(settings: Settings, tmp_path: Path) -> None:
+    config = tiny_config(tmp_path / "ppo.zip")
+    config = config.model_copy(update={"ppo": config.ppo.model_copy(update={"inputs": ["*.fundng"]})})
+    with pytest.raises(ValueError, match=r"\['\*\.fundng'\] match no feature"):
+        train_ppo(settings, config)
+
+
 @pytest.mark.parametrize(
     ("overrides", "named"),
     [
@@ -266,8 +296,16 @@ def test_episode_noise_holds_one_draw_per_episode_and_trains_like_ppo(settings: 
     """Actions minus the policy's mean are one σ·ε per episode, redrawn when an episode ends."""
     config = tiny_config(Path("unused.zip"))
     env = TradingEnv(training_settings(settings, config), config.env)
-    model = PPO(EpisodeNoisePolicy, env, n_steps=16, batch_size=16, n_epochs=1, seed=3, device="cpu",
-                policy_kwargs={"net_arch": [16], "log_std_init": -1.0})
+    model = PPO(
+        EpisodeNoisePolicy,
+        env,
+        n_steps=16,
+        batch_size=16,
+        n_epochs=1,
+        seed=3,
+        device="cpu",
+        policy_kwargs={"net_arch": [16], "log_std_init": -1.0},
+    )
 
     class Record(BaseCallback):
         def __init__(self) -> None:
