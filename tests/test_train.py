@@ -119,6 +119,15 @@ def test_trained_model_loads_as_a_policy_and_acts_deterministically(
     assert all(-0.2 <= target <= 0.2 for target in first.values())
 
 
+def mean_action(policy: PPOPolicy, state: np.ndarray) -> np.ndarray:
+    """The deterministic action for a ``[window, dim]`` state, as the bot would flatten it."""
+    return policy.model.predict(state.reshape(-1), deterministic=True)[0]
+
+
+def with_inputs(config: TrainConfig, inputs: list[str]) -> TrainConfig:
+    return config.model_copy(update={"ppo": config.ppo.model_copy(update={"inputs": inputs})})
+
+
 def test_the_agent_reads_only_the_newest_row_of_the_state_window(settings: Settings, trained: Path) -> None:
     policy = load_policy(f"ppo:{trained}", settings=settings)
     assert isinstance(policy, PPOPolicy)
@@ -129,17 +138,12 @@ def test_the_agent_reads_only_the_newest_row_of_the_state_window(settings: Setti
     newest_changed = state.copy()
     newest_changed[-1] = -newest_changed[-1]
 
-    def act(rows: np.ndarray) -> np.ndarray:
-        return policy.model.predict(rows.reshape(-1), deterministic=True)[0]
-
-    assert np.array_equal(act(state), act(older_changed))
-    assert not np.array_equal(act(state), act(newest_changed))
+    assert np.array_equal(mean_action(policy, state), mean_action(policy, older_changed))
+    assert not np.array_equal(mean_action(policy, state), mean_action(policy, newest_changed))
 
 
 def test_the_agent_reads_only_the_features_named_in_ppo_inputs(settings: Settings, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path / "ppo.zip")
-    inputs = ["*.funding", "position.*"]
-    config = config.model_copy(update={"ppo": config.ppo.model_copy(update={"inputs": inputs})})
+    config = with_inputs(tiny_config(tmp_path / "ppo.zip"), ["*.funding", "position.*"])
     policy = load_policy(f"ppo:{train_ppo(settings, config)}", settings=settings)
     assert isinstance(policy, PPOPolicy)
     names = TradingEnv(settings, EnvConfig(episode_decisions=2, warmup_decisions=2)).feature_names
@@ -152,16 +156,12 @@ def test_the_agent_reads_only_the_features_named_in_ppo_inputs(settings: Setting
     unread_changed[-1, unread] = -unread_changed[-1, unread]
     read_changed[-1, read] = -read_changed[-1, read]
 
-    def act(rows: np.ndarray) -> np.ndarray:
-        return policy.model.predict(rows.reshape(-1), deterministic=True)[0]
-
-    assert np.array_equal(act(state), act(unread_changed))
-    assert not np.array_equal(act(state), act(read_changed))
+    assert np.array_equal(mean_action(policy, state), mean_action(policy, unread_changed))
+    assert not np.array_equal(mean_action(policy, state), mean_action(policy, read_changed))
 
 
 def test_ppo_inputs_that_match_no_feature_are_refused(settings: Settings, tmp_path: Path) -> None:
-    config = tiny_config(tmp_path / "ppo.zip")
-    config = config.model_copy(update={"ppo": config.ppo.model_copy(update={"inputs": ["*.fundng"]})})
+    config = with_inputs(tiny_config(tmp_path / "ppo.zip"), ["*.fundng"])
     with pytest.raises(ValueError, match=r"\['\*\.fundng'\] match no feature"):
         train_ppo(settings, config)
 
