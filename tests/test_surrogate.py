@@ -230,6 +230,24 @@ def test_fast_predict_matches_the_module_forward(tiny_model: SurrogateModel,
     assert tiny_model.predict(np.empty((0, 5))).shape == (0, *grid.SHAPE)
 
 
+def test_one_layer_blocks_predict_fast_and_round_trip(engine_sets: tuple[SurfaceSet, SurfaceSet],
+                                                     tiny_model: SurrogateModel, tmp_path: Path) -> None:
+    train, val = engine_sets
+    model = train_surrogate(replace(TINY, epochs=3, block_layers=1), DOMAIN, train, val)
+    blocks = model.net.blocks
+    assert all(block.fc2 is None for block in blocks) and len(blocks) == TINY.n_blocks
+    width = TINY.width
+    assert model.info["n_weights"] == tiny_model.info["n_weights"] - TINY.n_blocks * (width * width + width)
+    with torch.no_grad():
+        reference = model.net(torch.from_numpy(DOMAIN.to_unit(val.params)).float()).numpy()
+    np.testing.assert_allclose(model.predict(val.params), reference, rtol=2e-5, atol=1e-6)
+    loaded = Surrogate.load(model.save(tmp_path / "one_layer.pt"))
+    assert loaded.config.block_layers == 1
+    np.testing.assert_array_equal(loaded.predict(val.params), model.predict(val.params))
+    with pytest.raises(ValueError, match="block_layers must be 1 or 2"):
+        replace(TINY, block_layers=3)
+
+
 # ---------------------------------------------------------------------------------------------- persistence
 
 
