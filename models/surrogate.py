@@ -33,13 +33,16 @@ The maths, in the order the pipeline runs:
   box cannot be left), screens a fixed 512-point Sobol design in one batched forward pass, and
   polishes the best two starts together by Levenberg–Marquardt in float64, the Jacobian by central
   differences through one batched pass per iteration (L-BFGS is available as ``method="lbfgs"``).
-* **Size.** Accuracy is bought with width and depth, throughput with their absence. Measured on a
-  2-core AVX-512 machine, one thread, held-out 16,384 surfaces: the default (64 wide, 3 blocks) has
-  RMSE 1.8e-4 at about 0.7 µs a surface batched (130–220× the engine batched); 24 wide, 1 block,
-  trained on 262,144 surfaces, still meets the issue's targets (RMSE 8.1e-4, p99 relative 0.64 %)
-  at 0.12–0.15 µs (700–900×); 16×2, 20×1, 24×1 without log inputs and one hidden layer of 32 or 40
-  are faster but miss RMSE 1e-3. The batched forward runs its float32 products near the core's
-  peak (torch.compile gained nothing), so more speed at that accuracy needs fewer multiplies.
+* **Size.** Accuracy is bought with width and depth, throughput with their absence. Held-out 16,384
+  surfaces, one thread, engine and surrogate timed back to back (``time_against_engine``), on 2-core
+  AVX-512 machines: the default (64 wide, 3 blocks) has RMSE 1.8e-4 at about 0.7 µs a surface batched
+  (130–220× the engine batched). The smallest that meet the issue's accuracy targets: 24 wide, 1 block,
+  262,144 training surfaces (RMSE 8.4e-4, p99 relative 0.68 %) at 756–881×, and 16 wide, 2 blocks,
+  524,288 surfaces (RMSE 9.7e-4, p99 0.78 %) at 897–974×. Cheaper ones miss RMSE 1e-3: one-layer
+  blocks (``block_layers = 1``, 24×1: 1.3e-3 at 995–1016×), 20×1 (1.16e-3), 24×1 without log inputs
+  (1.03e-3), one hidden layer of 32 or 40 (2.4–2.8e-3), and hardswish instead of SiLU (24×1: 1.1e-3;
+  it is 3× cheaper to evaluate). The batched forward runs its float32 products near the core's peak
+  (torch.compile gained nothing), so more speed at that accuracy needs fewer multiplies.
 """
 
 from __future__ import annotations
