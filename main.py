@@ -18,7 +18,7 @@ EXAMPLES = """examples:
   main.py --mode paper --feed binance --config my.toml   paper trading on Binance's live public data
   main.py --mode backtest --synthetic-seed 7 --days 2    replay a seeded synthetic market, write a report
   main.py --mode backtest --events var/journal/RUN.jsonl replay a recorded or imported journal
-  main.py --mode train --model ppo --timesteps 20000     train PPO; then --policy ppo:var/models/ppo.zip
+  main.py --mode train --model ppo --timesteps 5000      train PPO; then --policy ppo:var/models/ppo.zip
   main.py --mode train --model surrogate                 train the Heston surrogate pricer (then inverse)
   main.py --mode train --model world                     train the volatility world model (VAE + GRU)
   main.py --mode train --model regime                    train the crash-regime detector (SSM vs GRU)

@@ -26,6 +26,7 @@ from backtest.train import (
     TrainConfig,
     WalkForwardConfig,
     evaluate_policies,
+    input_columns,
     last_model_path,
     quiet_logging,
     train_main,
@@ -131,7 +132,8 @@ def with_inputs(config: TrainConfig, inputs: list[str]) -> TrainConfig:
 def test_the_agent_reads_only_the_newest_row_of_the_state_window(settings: Settings, trained: Path) -> None:
     policy = load_policy(f"ppo:{trained}", settings=settings)
     assert isinstance(policy, PPOPolicy)
-    window, dim = settings.state.window, policy.model.policy.features_extractor.features_dim
+    window = settings.state.window
+    dim = policy.model.observation_space.shape[0] // window
     state = np.random.default_rng(5).uniform(-2.0, 2.0, (window, dim)).astype(np.float32)
     older_changed = state.copy()
     older_changed[:-1] = -older_changed[:-1]
@@ -158,6 +160,14 @@ def test_the_agent_reads_only_the_features_named_in_ppo_inputs(settings: Setting
 
     assert np.array_equal(mean_action(policy, state), mean_action(policy, unread_changed))
     assert not np.array_equal(mean_action(policy, state), mean_action(policy, read_changed))
+
+
+def test_instrument_placeholder_in_ppo_inputs_stands_for_each_traded_instrument() -> None:
+    names = ["market.A.ret_1m", "market.A-PERP.funding", "market.B-PERP.funding", "position.A.exposure"]
+    assert input_columns(names, ["market.{instrument}.funding"], ["A", "A-PERP"]) == [1]
+    assert input_columns(names, ["position.*", "market.{instrument}.funding"], ["B-PERP"]) == [2, 3]
+    with pytest.raises(ValueError, match="match no feature"):
+        input_columns(names, ["market.{instrument}.funding"], ["A"])
 
 
 def test_ppo_inputs_that_match_no_feature_are_refused(settings: Settings, tmp_path: Path) -> None:
