@@ -496,19 +496,18 @@ def input_columns(
 
     ``{instrument}`` in a pattern stands for each of ``instruments``; each pattern must match a feature.
     """
-    expanded = {
-        p: [p.replace("{instrument}", i) for i in instruments] if "{instrument}" in p else [p]
-        for p in patterns
-    }
-    globs = [g for group in expanded.values() for g in group]
-    unmatched = [
-        p
-        for p, group in expanded.items()
-        if not any(fnmatch.fnmatchcase(n, g) for n in feature_names for g in group)
-    ]
+    matched: dict[str, set[int]] = {}
+    for pattern in patterns:
+        globs = [pattern]
+        if "{instrument}" in pattern:
+            globs = [pattern.replace("{instrument}", instrument) for instrument in instruments]
+        matched[pattern] = {
+            i for i, name in enumerate(feature_names) if any(fnmatch.fnmatchcase(name, g) for g in globs)
+        }
+    unmatched = [pattern for pattern, columns in matched.items() if not columns]
     if unmatched:
         raise ValueError(f"ppo.inputs {unmatched} match no feature of the state")
-    return [i for i, name in enumerate(feature_names) if any(fnmatch.fnmatchcase(name, g) for g in globs)]
+    return sorted(set().union(*matched.values()))
 
 
 def train_ppo(settings: Settings, config: TrainConfig) -> Path:

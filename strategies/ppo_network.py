@@ -45,14 +45,18 @@ class RecentFramesExtractor(BaseFeaturesExtractor):
         per_row = dim if columns is None else len(columns)
         super().__init__(observation_space, features_dim=frames * per_row)
         self.start = size - frames * dim
-        self.index: torch.Tensor | None = None
+        index = None
         if columns is not None:
             rows = torch.arange(frames).unsqueeze(1) * dim
-            self.index = (rows + torch.as_tensor(list(columns))).reshape(-1)
+            index = (rows + torch.as_tensor(list(columns))).reshape(-1)
+        # A buffer moves with the module to the policy's device; not persistent, since it follows from
+        # the constructor's arguments, which SB3 saves.
+        self.index: torch.Tensor | None
+        self.register_buffer("index", index, persistent=False)
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
         recent = observations[:, self.start :]
-        return recent if self.index is None else recent[:, self.index.to(recent.device)]
+        return recent if self.index is None else recent[:, self.index]
 
 
 class EpisodeNoisePolicy(ActorCriticPolicy):
