@@ -20,6 +20,7 @@ EXAMPLES = """examples:
   main.py --mode backtest --events var/journal/RUN.jsonl replay a recorded or imported journal
   main.py --mode train --model ppo --timesteps 5000      train PPO; then --policy ppo:var/models/ppo.zip
   main.py --mode train --model surrogate                 train the Heston surrogate pricer (then inverse)
+  main.py --mode train --model surrogate-fast            the smallest surrogate meeting the accuracy targets
   main.py --mode train --model world                     train the volatility world model (VAE + GRU)
   main.py --mode train --model regime                    train the crash-regime detector (SSM vs GRU)
   main.py --mode import --source tardis-trades:t.csv --journal out.jsonl
@@ -88,7 +89,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument(
         "--model",
         default="ppo",
-        choices=("ppo", "surrogate", "inverse", "world", "world-model", "regime"),
+        choices=("ppo", "surrogate", "surrogate-fast", "inverse", "world", "world-model", "regime"),
         help="model to train (train mode)",
     )
     parser.add_argument("--timesteps", type=positive_int, help="agent decisions to train on (train mode)")
@@ -164,12 +165,10 @@ def run_train(args: argparse.Namespace) -> int:
     from backtest.train import TrainConfig, train_main
     from config.settings import ConfigError, load_settings
 
-    if args.model == "surrogate":
-        from models.surrogate import SurrogateConfig, surrogate_main
+    if args.model in ("surrogate", "surrogate-fast"):
+        from models.surrogate import surrogate_main
 
-        defaults = SurrogateConfig()
-        out = args.out or Path("var/models/surrogate")
-        return surrogate_main(out, defaults.n_train, defaults.epochs, args.seed or 0)
+        return surrogate_main(args.out or Path("var/models") / args.model, args.seed or 0, args.model)
     if args.model == "inverse":
         from models.inverse import InverseConfig, inverse_main
 

@@ -23,12 +23,17 @@ The maths, in the order the pipeline runs:
 * **Network.** Inputs are the parameters mapped affinely from the box to [-1, 1]; a linear stem, a
   few pre-activation residual blocks ``h + W₂ φ(W₁ φ(h))`` (``h + W₁ φ(h)`` with ``block_layers = 1``;
   φ = SiLU, smooth so calibration gradients are smooth), and a linear head to the coefficients.
+  With ``expected_vol_base`` each maturity's closed-form smile level (``expected_vol``: √ of the
+  expected mean variance, the exact ATM vol without vol-of-vol) is both an input and the base the
+  output adds to, so the network and the PCA model only the smile around it.
 * **Loss.** Huber on the relative surface error in percent, ``e = 100·(ŝ − s)/s`` (the targets are
   relative errors; Huber keeps the few hard surfaces from dominating), with OTM puts (ln K/F < 0)
-  weighted ``otm_put_weight``; plus ``λ·mean((Δ²_K e)² + (Δ²_T e)²)``, the second differences of the
-  *error* along strike and maturity: a discrete Sobolev (H²) seminorm of the error. Penalising the
-  curvature of the prediction itself would bias genuinely curved smiles toward flat ones; penalising
-  the error's curvature only asks the surrogate to get the smile's shape, not just its level, right.
+  weighted ``otm_put_weight`` (``error_units = "absolute"`` divides by one reference vol instead,
+  which spends a small network on the large-IV errors that make up RMSE); plus
+  ``λ·mean((Δ²_K e)² + (Δ²_T e)²)``, the second differences of the *error* along strike and
+  maturity: a discrete Sobolev (H²) seminorm of the error. Penalising the curvature of the prediction
+  itself would bias genuinely curved smiles toward flat ones; penalising the error's curvature only
+  asks the surrogate to get the smile's shape, not just its level, right.
 * **Calibration.** ``calibrate_with_surrogate`` writes the normalised parameters as ``tanh(z)`` (the
   box cannot be left), screens a fixed 512-point Sobol design in one batched forward pass, and
   polishes the best two starts together by Levenberg–Marquardt in float64, the Jacobian by central
@@ -36,13 +41,16 @@ The maths, in the order the pipeline runs:
 * **Size.** Accuracy is bought with width and depth, throughput with their absence. Held-out 16,384
   surfaces, one thread, engine and surrogate timed back to back (``time_against_engine``), on 2-core
   AVX-512 machines: the default (64 wide, 3 blocks) has RMSE 1.8e-4 at about 0.7 µs a surface batched
-  (130–220× the engine batched). The smallest that meet the issue's accuracy targets: 24 wide, 1 block,
-  262,144 training surfaces (RMSE 8.4e-4, p99 relative 0.68 %) at 756–881×, and 16 wide, 2 blocks,
-  524,288 surfaces (RMSE 9.7e-4, p99 0.78 %) at 897–974×. Cheaper ones miss RMSE 1e-3: one-layer
-  blocks (``block_layers = 1``, 24×1: 1.3e-3 at 995–1016×), 20×1 (1.16e-3), 24×1 without log inputs
-  (1.03e-3), one hidden layer of 32 or 40 (2.4–2.8e-3), and hardswish instead of SiLU (24×1: 1.1e-3;
-  it is 3× cheaper to evaluate). The batched forward runs its float32 products near the core's peak
-  (torch.compile gained nothing), so more speed at that accuracy needs fewer multiplies.
+  (130–220× the engine batched). The ``surrogate-fast`` preset (16 wide, 1 block, expected-vol base,
+  absolute errors, 524,288 surfaces) has RMSE 7.5e-4 and p99 relative 0.84 % at 120–135 ns (870–930×).
+  Other small networks on 524,288 surfaces (RMSE, p99, × engine): 16×1 1.3e-3, 1.5 % (1240–1400×);
+  16×2 8.6e-4, 0.98 % (950–1050×; relative errors: 9.7e-4, 0.78 %, 900–970×); 16×1 with the base but
+  no log inputs 8.3e-4, 0.98 % (950–1020×); and on 262,144: 24×1 8.4e-4, 0.68 % (760–880×), 24×1
+  with one-layer blocks 1.3e-3 (≈1000×), hardswish instead of SiLU 1.1e-3. The batched forward runs
+  its float32 products near the core's peak (torch.compile gained nothing): the 16→60 output layer
+  alone is a quarter of a 16-wide network's time, and the base costs about what a second block does
+  (its closed form and the spread over strikes are two more passes), so on these machines the
+  accuracy targets and 1000× meet only within the timing noise.
 """
 
 from __future__ import annotations
@@ -77,6 +85,14 @@ ATM_HALF_WIDTH = 0.05
 TARGETS = {"mean_rel_error": 0.002, "p99_rel_error": 0.01, "rmse": 0.001, "speedup_batched": 1000.0,
            "calibration_seconds": 0.020}
 DEFAULT_MODEL_DIR = Path("var/models/surrogate")
+#: Named training runs, as ``SurrogateConfig`` fields that differ from its defaults (``python main.py
+#: --mode train --model NAME``). "surrogate" is the accurate model the bot's features use; "surrogate-fast"
+#: the smallest network that still meets every accuracy target, for throughput (see "Size" above).
+PRESETS: dict[str, dict[str, Any]] = {
+    "surrogate": {},
+    "surrogate-fast": {"n_train": 524288, "width": 16, "n_blocks": 1, "expected_vol_base": True,
+                       "error_units": "absolute"},
+}
 MODEL_FILE = "surrogate.pt"
 
 
@@ -372,6 +388,22 @@ class SurfacePCA:
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 # Columns of kappa, theta, sigma, v0: the parameters that span decades and get a log-scale input too.
 _POSITIVE = [0, 1, 2, 4]
+# How the training loss measures a surface error (see ``SurfaceLoss``).
+_ERROR_UNITS = ("relative", "absolute")
+
+
+def expected_vol(params: torch.Tensor, maturities: torch.Tensor) -> torch.Tensor:
+    """√(expected mean variance to each maturity): (n, 5) raw parameters → (n, len(maturities)).
+
+    E[(1/T)∫₀ᵀ v dt] = θ + (v0 − θ)(1 − e^{−κT})/(κT) is the Heston ATM implied variance in the zero
+    vol-of-vol limit: the level of each maturity's smile, in closed form. Given it as an input and as
+    the base of the output, a small network only learns the smile around it (σ, ρ, the wings).
+    """
+    # Computed maturity-major, (nT, n), and returned as its transpose: every step then runs along rows
+    # of n contiguous values, where (n, 1) × (nT,) broadcasts step six values at a time (half as fast).
+    kappa, theta, v0 = (params[:, PARAM_NAMES.index(name)].contiguous() for name in ("kappa", "theta", "v0"))
+    decay = torch.outer(-maturities, kappa)
+    return torch.addcmul(theta, v0 - theta, torch.expm1(decay) / decay).sqrt().T
 
 
 class _ResidualBlock(nn.Module):
@@ -415,14 +447,19 @@ class SurrogateNet(nn.Module):
     """
 
     def __init__(self, width: int, n_blocks: int, activation: str, pca: SurfacePCA,
-                 domain: ParameterDomain, log_inputs: bool = True, block_layers: int = 2) -> None:
+                 domain: ParameterDomain, log_inputs: bool = True, block_layers: int = 2,
+                 expected_vol_base: bool = False) -> None:
         super().__init__()
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if expected_vol_base and pca.log:
+            raise ValueError("expected_vol_base needs a PCA of the surface itself, not of its log")
         self.log_surface = pca.log
         self.log_inputs = log_inputs
+        self.expected_vol_base = expected_vol_base
         self.activation = activation
-        n_inputs = len(PARAM_NAMES) + (len(_POSITIVE) if log_inputs else 0)
+        n_inputs = (len(PARAM_NAMES) + (len(_POSITIVE) if log_inputs else 0)
+                    + (grid.N_MATURITIES if expected_vol_base else 0))
         self.stem = nn.Linear(n_inputs, width)
         self.blocks = nn.ModuleList(_ResidualBlock(width, activation, block_layers) for _ in range(n_blocks))
         self.act = _ACTIVATIONS[activation]()
@@ -432,23 +469,38 @@ class SurrogateNet(nn.Module):
         self.register_buffer("pca_components", torch.tensor(pca.components, dtype=torch.float32))
         self.register_buffer("domain_lo", torch.tensor(domain.lo, dtype=torch.float32))
         self.register_buffer("domain_hi", torch.tensor(domain.hi, dtype=torch.float32))
+        # Not saved: the grid is the project's (its hash is checked on load), and models saved before
+        # this buffer existed still load.
+        maturities = torch.tensor(grid.MATURITIES, dtype=torch.float32)
+        self.register_buffer("maturities", maturities, persistent=False)
+        # The expected vol is √ of a mix of theta and v0, so it spans √ of their joint bounds.
+        positive = [PARAM_NAMES.index("theta"), PARAM_NAMES.index("v0")]
+        self.vol_lo = math.sqrt(float(min(domain.lo[positive])))
+        self.vol_hi = math.sqrt(float(max(domain.hi[positive])))
 
-    def features(self, unit: torch.Tensor) -> torch.Tensor:
-        """Network inputs: the unit coordinates, plus the positive parameters on a log scale to [-1, 1].
+    def raw_params(self, unit: torch.Tensor) -> torch.Tensor:
+        """[-1, 1] → raw parameters (the inverse of ``to_unit``)."""
+        return self.domain_lo + 0.5 * (unit + 1.0) * (self.domain_hi - self.domain_lo)
 
-        Why: IV moves like √v0 and √theta, so the low-vol corner (0.01–0.05) is a sliver of the linear
-        axis but a fifth of the log axis; both views of the same point cost five extra inputs.
+    def features(self, unit: torch.Tensor, vol: torch.Tensor | None = None) -> torch.Tensor:
+        """Network inputs: the unit coordinates, plus the positive parameters on a log scale to [-1, 1],
+        plus the expected vol per maturity mapped to [-1, 1] (``vol``, with ``expected_vol_base``).
+
+        Why logs: IV moves like √v0 and √theta, so the low-vol corner (0.01–0.05) is a sliver of the
+        linear axis but a fifth of the log axis; both views of the same point cost four extra inputs.
         """
-        if not self.log_inputs:
-            return unit
-        lo, hi = self.domain_lo[_POSITIVE], self.domain_hi[_POSITIVE]
-        raw = lo + 0.5 * (unit[:, _POSITIVE] + 1.0) * (hi - lo)
-        logs = 2.0 * torch.log(raw / lo) / torch.log(hi / lo) - 1.0
-        return torch.cat([unit, logs], dim=1)
+        inputs = [unit]
+        if self.log_inputs:
+            lo, hi = self.domain_lo[_POSITIVE], self.domain_hi[_POSITIVE]
+            raw = self.raw_params(unit)[:, _POSITIVE]
+            inputs.append(2.0 * torch.log(raw / lo) / torch.log(hi / lo) - 1.0)
+        if vol is not None:
+            inputs.append(2.0 * (vol - self.vol_lo) / (self.vol_hi - self.vol_lo) - 1.0)
+        return torch.cat(inputs, dim=1) if len(inputs) > 1 else unit
 
-    def coefficients(self, unit: torch.Tensor) -> torch.Tensor:
-        """PCA coefficients (n, k) of the standardised surface."""
-        h = self.stem(self.features(unit))
+    def coefficients(self, unit: torch.Tensor, vol: torch.Tensor | None = None) -> torch.Tensor:
+        """PCA coefficients (n, k) of the standardised surface (of its residual to ``vol``)."""
+        h = self.stem(self.features(unit, vol))
         for block in self.blocks:
             h = block(h)
         return self.head(self.act(h))
@@ -461,8 +513,11 @@ class SurrogateNet(nn.Module):
         return values.reshape(-1, *grid.SHAPE)
 
     def forward(self, unit: torch.Tensor) -> torch.Tensor:
-        """Surface from normalised parameters."""
-        return self.decode(self.coefficients(unit))
+        """Surface from normalised parameters (the expected vol plus the decoded residual, when used)."""
+        if not self.expected_vol_base:
+            return self.decode(self.coefficients(unit))
+        vol = expected_vol(self.raw_params(unit), self.maturities)
+        return self.decode(self.coefficients(unit, vol)) + vol.unsqueeze(1)
 
     def to_unit(self, params: torch.Tensor) -> torch.Tensor:
         """Raw parameters → [-1, 1] (the same affine map as ``ParameterDomain.to_unit``)."""
@@ -493,20 +548,36 @@ class _FastForward:
             n_par = len(PARAM_NAMES)
             self.w_unit = weight[:, :n_par].T.contiguous()
             self.w_log: torch.Tensor | None = None
+            self.w_vol: torch.Tensor | None = None
+            self.positive: tuple[torch.Tensor, torch.Tensor] | None = None
+            lo, hi = cast(net.domain_lo)[_POSITIVE], cast(net.domain_hi)[_POSITIVE]
+            if net.log_inputs or net.expected_vol_base:
+                # The raw positive parameters c0 + c1·u over all five columns (one addcmul): rho's
+                # column gets 1 + 0·u, so its log is 0 and meets a zero weight row, which is cheaper
+                # than gathering four columns.
+                c0, c1 = torch.ones(n_par, dtype=dtype), torch.zeros(n_par, dtype=dtype)
+                c0[_POSITIVE], c1[_POSITIVE] = 0.5 * (lo + hi), 0.5 * (hi - lo)
+                self.positive = (c0, c1)
+            column = n_par
             if net.log_inputs:
-                lo, hi = cast(net.domain_lo)[_POSITIVE], cast(net.domain_hi)[_POSITIVE]
-                # raw = c0 + c1·u and feature = s·log(raw) + t, with s, t folded into the stem. The map
-                # runs over all five columns (one addcmul, one log): rho's column gets log(1 + 0·u) = 0
-                # and a zero weight row, which is cheaper than gathering four columns.
-                self.c0 = torch.ones(n_par, dtype=dtype)
-                self.c1 = torch.zeros(n_par, dtype=dtype)
-                self.c0[_POSITIVE], self.c1[_POSITIVE] = 0.5 * (lo + hi), 0.5 * (hi - lo)
+                # feature = s·log(raw) + t, with s and t folded into the stem.
                 s = 2.0 / torch.log(hi / lo)
                 t = -1.0 - s * torch.log(lo)
-                w_log = weight[:, n_par:]
+                w_log = weight[:, column : column + len(_POSITIVE)]
                 self.w_log = torch.zeros(n_par, weight.shape[0], dtype=dtype)
                 self.w_log[_POSITIVE] = (w_log * s).T
                 bias = bias + w_log @ t
+                column += len(_POSITIVE)
+            if net.expected_vol_base:
+                # feature = s·vol + t, folded into the stem the same way.
+                self.maturities = cast(net.maturities)
+                s = 2.0 / (net.vol_hi - net.vol_lo)
+                w_vol = weight[:, column:]
+                self.w_vol = (w_vol * s).T.contiguous()
+                bias = bias + w_vol.sum(dim=1) * (-1.0 - s * net.vol_lo)
+                # The base as a (maturities → flat grid) 0/1 matrix: one small product adds each
+                # maturity's vol to its strikes, where a broadcast add over (n, 10, 6) costs 5× more.
+                self.spread = torch.eye(grid.N_MATURITIES, dtype=dtype).repeat(1, grid.N_STRIKES)
             self.bias = bias
             self.blocks = [[(cast(fc.weight).T.contiguous(), cast(fc.bias)) for fc in b.layers]
                            for b in net.blocks]
@@ -517,8 +588,13 @@ class _FastForward:
     def __call__(self, unit: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Flat surfaces (n, 60) for unit parameters (n, 5), written into ``out`` when given."""
         h = torch.addmm(self.bias, unit, self.w_unit)
+        raw = torch.addcmul(*self.positive, unit) if self.positive is not None else unit
         if self.w_log is not None:
-            h = torch.addmm(h, torch.log(torch.addcmul(self.c0, self.c1, unit)), self.w_log)
+            h = torch.addmm(h, torch.log(raw), self.w_log)
+        vol = None
+        if self.w_vol is not None:
+            vol = expected_vol(raw, self.maturities)
+            h = h.addmm_(vol, self.w_vol)
         act = self.act
         for layers in self.blocks:
             x = h
@@ -526,6 +602,8 @@ class _FastForward:
                 x = torch.addmm(bias, act(x), weight)
             h = h + x
         surfaces = torch.addmm(self.b_out, act(h), self.w_out, out=out)
+        if vol is not None:
+            surfaces.addmm_(vol, self.spread)
         return surfaces.exp_() if self.log_surface else surfaces
 
 
@@ -549,6 +627,7 @@ class SurrogateConfig:
     block_layers: int = 2
     activation: str = "silu"
     log_inputs: bool = True
+    expected_vol_base: bool = False
     log_surface: bool = False
     pca_tolerance: float = 1e-5
     epochs: int = 300
@@ -560,6 +639,7 @@ class SurrogateConfig:
     huber_delta: float = 1.0
     smoothness_weight: float = 0.1
     otm_put_weight: float = 2.0
+    error_units: str = "relative"
     generation_batch: int = 4096
     cache_dir: str | None = "var/models/surrogate/data"
     progress: bool = True
@@ -576,6 +656,10 @@ class SurrogateConfig:
             raise ValueError(f"block_layers must be 1 or 2, got {self.block_layers}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}")
+        if self.error_units not in _ERROR_UNITS:
+            raise ValueError(f"error_units must be one of {_ERROR_UNITS}, got {self.error_units!r}")
+        if self.expected_vol_base and self.log_surface:
+            raise ValueError("expected_vol_base and log_surface exclude each other")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SurrogateConfig:
@@ -591,11 +675,23 @@ def _second_difference(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class SurfaceLoss(nn.Module):
-    """Weighted Huber on the relative surface error (percent) + λ·(discrete H² seminorm of the error)."""
+    """Weighted Huber on the surface error (percent) + λ·(discrete H² seminorm of the error).
+
+    The error is relative, ``100·(ŝ − s)/s``, or with ``error_units="absolute"`` taken against one
+    reference volatility, ``100·(ŝ − s)/reference_iv``: the relative loss spends a small network's
+    capacity on low-vol surfaces, the absolute one on the large-IV errors that dominate RMSE.
+    """
 
     def __init__(self, huber_delta: float, smoothness_weight: float, otm_put_weight: float,
-                 log_moneyness: np.ndarray = grid.LOG_MONEYNESS) -> None:
+                 log_moneyness: np.ndarray = grid.LOG_MONEYNESS, error_units: str = "relative",
+                 reference_iv: float = 1.0) -> None:
         super().__init__()
+        if error_units not in _ERROR_UNITS:
+            raise ValueError(f"error_units must be one of {_ERROR_UNITS}, got {error_units!r}")
+        if not reference_iv > 0.0:
+            raise ValueError(f"reference_iv must be positive, got {reference_iv}")
+        self.relative = error_units == "relative"
+        self.reference_iv = reference_iv
         weights = np.where(np.asarray(log_moneyness) < 0.0, otm_put_weight, 1.0)[:, None]
         weights = np.broadcast_to(weights, grid.SHAPE)
         self.register_buffer("weights", torch.tensor(weights / weights.mean(), dtype=torch.float32))
@@ -604,7 +700,7 @@ class SurfaceLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """Scalar loss for (n, 10, 6) surfaces."""
-        error = 100.0 * (pred - truth) / truth
+        error = 100.0 * (pred - truth) / (truth if self.relative else self.reference_iv)
         fit = (self.weights * self.huber(error, torch.zeros_like(error))).mean()
         if self.smoothness_weight == 0.0:
             return fit
@@ -724,7 +820,7 @@ class SurrogateModel:
         domain = ParameterDomain.from_dict(meta["domain"])
         config = SurrogateConfig.from_dict(meta["config"])
         net = SurrogateNet(config.width, config.n_blocks, config.activation, pca, domain, config.log_inputs,
-                           config.block_layers)
+                           config.block_layers, config.expected_vol_base)
         net.load_state_dict(payload["state_dict"])
         net.eval()
         return cls(net, domain, pca, config, meta.get("metrics", {}), meta.get("history", []),
@@ -770,12 +866,19 @@ def train_surrogate(config: SurrogateConfig | None = None, domain: ParameterDoma
             val_set = generate_surfaces(domain, config.n_val, config.seed + 1_000_003, config.sampler,
                                         config.generation_batch, config.cache_dir, config.progress)
         data_seconds = time.perf_counter() - started
-        pca = SurfacePCA.fit(train_set.surfaces, config.pca_tolerance, log=config.log_surface)
+        targets = train_set.surfaces
+        if config.expected_vol_base:  # the network predicts the residual to the expected vol
+            vol = expected_vol(torch.from_numpy(train_set.params), torch.tensor(grid.MATURITIES))
+            targets = targets - vol.numpy()[:, None, :]
+        pca = SurfacePCA.fit(targets, config.pca_tolerance, log=config.log_surface)
 
         torch.manual_seed(config.seed)
         net = SurrogateNet(config.width, config.n_blocks, config.activation, pca, domain, config.log_inputs,
-                           config.block_layers)
-        loss_fn = SurfaceLoss(config.huber_delta, config.smoothness_weight, config.otm_put_weight)
+                           config.block_layers, config.expected_vol_base)
+        # The reference volatility of absolute errors: the training set's mean IV, so the Huber threshold
+        # and λ keep the scale they have for relative errors.
+        loss_fn = SurfaceLoss(config.huber_delta, config.smoothness_weight, config.otm_put_weight,
+                              error_units=config.error_units, reference_iv=float(train_set.surfaces.mean()))
         x_train = torch.from_numpy(domain.to_unit(train_set.params).astype(np.float32))
         y_train = _surface_tensor(train_set.surfaces)
         x_val = torch.from_numpy(domain.to_unit(val_set.params).astype(np.float32))
@@ -1068,10 +1171,10 @@ def calibrate_with_surrogate(
     Returns (params, weighted IV RMSE of the surrogate fit over the quoted points, seconds); NaN quotes
     are ignored. The normalised parameters are ``tanh(z)``, so every iterate is inside the domain.
     Without ``x0`` the best ``_POLISH_STARTS`` points of a 512-point Sobol screen (one batched forward
-    pass) are polished together. ``method="lm"`` (default) is Levenberg–Marquardt with the exact
-    Jacobian from forward-mode autodiff: 60 residuals in 5 unknowns is the textbook Gauss–Newton case,
-    and it converges in a handful of iterations where L-BFGS (``method="lbfgs"``) must first learn
-    the curvature the Jacobian gives for free.
+    pass) are polished together. ``method="lm"`` (default) is Levenberg–Marquardt with a
+    central-difference Jacobian (one batched pass, see ``_residuals_and_jacobian``): 60 residuals in
+    5 unknowns is the textbook Gauss–Newton case, and it converges in a handful of iterations where
+    L-BFGS (``method="lbfgs"``) must first learn the curvature the Jacobian gives for free.
     """
     started = time.perf_counter()
     if method not in ("lm", "lbfgs"):
@@ -1188,12 +1291,15 @@ def _targets_status(metrics: dict[str, Any], calibration: dict[str, float]) -> d
     }
 
 
-def surrogate_main(out: Path, n_train: int, epochs: int, seed: int, n_test: int = 16384,
+def surrogate_main(out: Path, seed: int = 0, preset: str = "surrogate", n_test: int = 16384,
                    overrides: Sequence[tuple[str, Any]] = ()) -> int:
-    """Train, evaluate on held-out surfaces, benchmark, save model and report into ``out``; print a table."""
+    """Train a preset (plus ``overrides``), evaluate on held-out surfaces, benchmark, save model and
+    report into ``out``; print a table."""
     out = Path(out)
-    base = SurrogateConfig(cache_dir=str(out / "data"))
-    config = replace(base, n_train=n_train, epochs=epochs, seed=seed, **dict(overrides))
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    base = SurrogateConfig(cache_dir=str(out / "data"), seed=seed)
+    config = replace(base, **{**PRESETS[preset], **dict(overrides)})
     domain = ParameterDomain()
     with ThreadLimit(config.num_threads):
         model = train_surrogate(config, domain)

@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.integrate import quad
 
 from models import grid
+from models.heston import iv_surface
 from models.surrogate import (
     IV_FLOOR,
     ParameterDomain,
@@ -24,8 +26,10 @@ from models.surrogate import (
     bucket_masks,
     calibrate_with_surrogate,
     evaluate,
+    expected_vol,
     generate_surfaces,
     surface_metrics,
+    surrogate_main,
     train_surrogate,
     write_report,
 )
@@ -189,6 +193,24 @@ def test_loss_weights_otm_puts_and_penalises_only_curved_errors() -> None:
     assert float(smooth(curved_error, truth)) > float(plain(curved_error, truth)) + 1e-5
 
 
+def test_absolute_loss_weighs_the_same_iv_miss_alike_at_any_level() -> None:
+    relative = SurfaceLoss(huber_delta=1.0, smoothness_weight=0.0, otm_put_weight=1.0)
+    absolute = SurfaceLoss(huber_delta=1.0, smoothness_weight=0.0, otm_put_weight=1.0,
+                           error_units="absolute", reference_iv=0.5)
+    low, high = torch.full((1, *grid.SHAPE), 0.2), torch.full((1, *grid.SHAPE), 0.8)
+    # The same 0.001 IV miss everywhere: a quarter of the relative error on the high-vol surface, so a
+    # sixteenth of the (quadratic) loss.
+    low_loss = float(relative(low + 1e-3, low))
+    assert float(relative(high + 1e-3, high)) == pytest.approx(low_loss / 16.0, rel=1e-3)
+    assert float(absolute(high + 1e-3, high)) == pytest.approx(float(absolute(low + 1e-3, low)), rel=1e-3)
+    # Against the 0.5 reference, a 0.001 miss is a 0.2 % error: Huber's quadratic zone, 0.5·0.2².
+    assert float(absolute(low + 1e-3, low)) == pytest.approx(0.5 * 0.2**2, rel=1e-3)
+    with pytest.raises(ValueError, match="error_units must be one of"):
+        SurfaceLoss(1.0, 0.0, 1.0, error_units="percent")
+    with pytest.raises(ValueError, match="error_units must be one of"):
+        replace(TINY, error_units="percent")
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -246,6 +268,62 @@ def test_one_layer_blocks_predict_fast_and_round_trip(engine_sets: tuple[Surface
     np.testing.assert_array_equal(loaded.predict(val.params), model.predict(val.params))
     with pytest.raises(ValueError, match="block_layers must be 1 or 2"):
         replace(TINY, block_layers=3)
+
+
+def test_expected_vol_is_the_engines_atm_vol_without_vol_of_vol() -> None:
+    # Two parameter sets with σ → 0 (outside the training box, on purpose): the engine's ATM implied
+    # vol is then √ of the expected mean variance, the smile level the network is given.
+    params = np.array([[2.0, 0.09, 1e-3, -0.5, 0.36], [0.5, 0.5, 1e-3, 0.0, 0.04]])
+    atm = int(np.flatnonzero(grid.LOG_MONEYNESS == 0.0)[0])
+    engine_atm = iv_surface(params)[:, atm, :]
+    level = expected_vol(torch.from_numpy(params), torch.tensor(grid.MATURITIES)).numpy()
+    np.testing.assert_allclose(level, engine_atm, rtol=1e-4)
+    # Against a direct quadrature of E[v_t] = θ + (v0 − θ)e^{−κt} over [0, T].
+    kappa, theta, v0 = params[0, 0], params[0, 1], params[0, 4]
+    maturity = float(grid.MATURITIES[-1])
+    integral, _ = quad(lambda t: theta + (v0 - theta) * np.exp(-kappa * t), 0.0, maturity)
+    np.testing.assert_allclose(level[0, -1] ** 2, integral / maturity, rtol=1e-12)
+
+
+def test_expected_vol_base_predicts_fast_and_round_trip(engine_sets: tuple[SurfaceSet, SurfaceSet],
+                                                        tmp_path: Path) -> None:
+    train, val = engine_sets
+    model = train_surrogate(replace(TINY, epochs=3, expected_vol_base=True), DOMAIN, train, val)
+    n_inputs = 5 + 4 + grid.N_MATURITIES  # unit coordinates, logs, expected vol per maturity
+    assert model.net.stem.in_features == n_inputs
+    with torch.no_grad():
+        unit = torch.from_numpy(DOMAIN.to_unit(val.params)).float()
+        reference = model.net(unit).numpy()
+        level = expected_vol(torch.from_numpy(val.params), torch.tensor(grid.MATURITIES)).numpy()
+        residual = model.net.decode(model.net.coefficients(unit, torch.from_numpy(level).float())).numpy()
+    # The output is the expected vol plus the decoded residual, and the fast path computes the same.
+    np.testing.assert_allclose(reference, residual + level[:, None, :], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.predict(val.params), reference, rtol=2e-5, atol=1e-6)
+    loaded = Surrogate.load(model.save(tmp_path / "expected_vol.pt"))
+    assert loaded.config.expected_vol_base
+    np.testing.assert_array_equal(loaded.predict(val.params), model.predict(val.params))
+    # Calibration runs through the same fast path in float64: it refits the model's own surface.
+    fitted, rmse, _ = calibrate_with_surrogate(model.predict(val.params[0]), model)
+    assert rmse < 1e-5 and DOMAIN.contains(fitted).all()
+    with pytest.raises(ValueError, match="exclude each other"):
+        replace(TINY, expected_vol_base=True, log_surface=True)
+
+
+def test_surrogate_main_trains_a_preset_and_writes_model_and_report(tmp_path: Path) -> None:
+    # The fast preset's architecture on a few surfaces and epochs: the command's whole path runs.
+    small = [("n_train", 512), ("n_val", 128), ("epochs", 2), ("cache_dir", str(tmp_path / "data")),
+             ("progress", False)]
+    assert surrogate_main(tmp_path, seed=1, preset="surrogate-fast", n_test=256, overrides=small) == 0
+    model = Surrogate.load(tmp_path / "surrogate.pt")
+    assert (model.config.width, model.config.n_blocks, model.config.expected_vol_base) == (16, 1, True)
+    assert model.config.n_train == 512 and model.config.error_units == "absolute"
+    report = json.loads((tmp_path / "report.json").read_text())
+    targets = {"mean_rel_error<=0.2%", "p99_rel_error<=1%", "rmse<=0.001", "speedup_batched>=1000x",
+               "calibration<20ms"}
+    assert set(report["metrics"]["targets_met"]) == targets
+    assert report["metrics"]["speed"]["speedup_batched"] > 1.0
+    with pytest.raises(ValueError, match="preset must be one of"):
+        surrogate_main(tmp_path, preset="surrogate-huge")
 
 
 # ---------------------------------------------------------------------------------------------- persistence
