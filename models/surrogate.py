@@ -594,7 +594,7 @@ class _FastForward:
         vol = None
         if self.w_vol is not None:
             vol = expected_vol(raw, self.maturities)
-            h = h.addmm_(vol, self.w_vol)
+            h.addmm_(vol, self.w_vol)
         act = self.act
         for layers in self.blocks:
             x = h
