@@ -390,6 +390,8 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": nn.SiLU, "gelu": nn.GELU, "t
 _POSITIVE = [0, 1, 2, 4]
 # How the training loss measures a surface error (see ``SurfaceLoss``).
 _ERROR_UNITS = ("relative", "absolute")
+# Columns of kappa, theta and v0: what ``expected_vol`` reads.
+_EXPECTED_VOL_COLUMNS = tuple(PARAM_NAMES.index(name) for name in ("kappa", "theta", "v0"))
 
 
 def expected_vol(params: torch.Tensor, maturities: torch.Tensor) -> torch.Tensor:
@@ -401,7 +403,7 @@ def expected_vol(params: torch.Tensor, maturities: torch.Tensor) -> torch.Tensor
     """
     # Computed maturity-major, (nT, n), and returned as its transpose: every step then runs along rows
     # of n contiguous values, where (n, 1) × (nT,) broadcasts step six values at a time (half as fast).
-    kappa, theta, v0 = (params[:, PARAM_NAMES.index(name)].contiguous() for name in ("kappa", "theta", "v0"))
+    kappa, theta, v0 = (params[:, column].contiguous() for column in _EXPECTED_VOL_COLUMNS)
     decay = torch.outer(-maturities, kappa)
     return torch.addcmul(theta, v0 - theta, torch.expm1(decay) / decay).sqrt().T
 
@@ -474,9 +476,9 @@ class SurrogateNet(nn.Module):
         maturities = torch.tensor(grid.MATURITIES, dtype=torch.float32)
         self.register_buffer("maturities", maturities, persistent=False)
         # The expected vol is √ of a mix of theta and v0, so it spans √ of their joint bounds.
-        positive = [PARAM_NAMES.index("theta"), PARAM_NAMES.index("v0")]
-        self.vol_lo = math.sqrt(float(min(domain.lo[positive])))
-        self.vol_hi = math.sqrt(float(max(domain.hi[positive])))
+        theta_v0 = list(_EXPECTED_VOL_COLUMNS[1:])
+        self.vol_lo = math.sqrt(float(min(domain.lo[theta_v0])))
+        self.vol_hi = math.sqrt(float(max(domain.hi[theta_v0])))
 
     def raw_params(self, unit: torch.Tensor) -> torch.Tensor:
         """[-1, 1] → raw parameters (the inverse of ``to_unit``)."""
