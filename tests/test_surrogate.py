@@ -14,6 +14,7 @@ from scipy.integrate import quad
 
 from models import grid
 from models.heston import iv_surface
+from models.surrogate import _BATCH_LAYOUT_ROWS as BATCH_LAYOUT_ROWS
 from models.surrogate import (
     IV_FLOOR,
     ParameterDomain,
@@ -234,22 +235,43 @@ def test_training_is_deterministic_for_a_seed(engine_sets: tuple[SurfaceSet, Sur
     assert not np.allclose(first, other_seed)
 
 
+def _assert_predicts_like_the_module(model: SurrogateModel, params: np.ndarray) -> None:
+    """``predict`` against the module's own forward, in both layouts: few rows and many rows."""
+    many = params[np.arange(BATCH_LAYOUT_ROWS) % params.shape[0]]
+    for rows in (params, many):
+        with torch.no_grad():
+            reference = model.net(torch.from_numpy(DOMAIN.to_unit(rows)).float()).numpy()
+        predicted = model.predict(rows)
+        np.testing.assert_allclose(predicted, reference, rtol=2e-5, atol=1e-6)
+        assert predicted.dtype == np.float32 and predicted.shape == (rows.shape[0], *grid.SHAPE)
+        # Chunked prediction writes each chunk in place: the same surfaces as one chunk.
+        np.testing.assert_allclose(model.predict(rows, batch_size=7), predicted, rtol=1e-6, atol=1e-7)
+
+
 def test_fast_predict_matches_the_module_forward(tiny_model: SurrogateModel,
                                                  engine_sets: tuple[SurfaceSet, SurfaceSet]) -> None:
     params = engine_sets[1].params
-    with torch.no_grad():
-        reference = tiny_model.net(torch.from_numpy(DOMAIN.to_unit(params)).float()).numpy()
-    predicted = tiny_model.predict(params)
-    np.testing.assert_allclose(predicted, reference, rtol=2e-5, atol=1e-6)
-    assert predicted.dtype == np.float32 and predicted.shape == (params.shape[0], *grid.SHAPE)
-    # Chunked prediction writes each chunk in place: the same surfaces as one chunk.
-    np.testing.assert_allclose(tiny_model.predict(params, batch_size=7), predicted, rtol=1e-6, atol=1e-7)
+    assert params.shape[0] < BATCH_LAYOUT_ROWS
+    _assert_predicts_like_the_module(tiny_model, params)
+    # Many rows come back as a view of rows padded to 64 floats, the same surfaces as few rows give
+    # up to float32 rounding (the two layouts sum in different orders).
+    many = tiny_model.predict(params[np.arange(BATCH_LAYOUT_ROWS) % params.shape[0]])
+    assert not many.flags.c_contiguous and many.strides[0] == 64 * many.itemsize
+    np.testing.assert_allclose(many[: params.shape[0]], tiny_model.predict(params), rtol=1e-6, atol=2e-7)
     assert tiny_model.predict(params[0]).shape == grid.SHAPE
     with pytest.raises(ValueError, match="outside the surrogate's domain"):
         tiny_model.predict(DOMAIN.hi * 2.0)
     with pytest.raises(ValueError, match="outside the surrogate's domain"):
         tiny_model.predict(np.where(np.arange(5) == 2, np.nan, DOMAIN.lo))
     assert tiny_model.predict(np.empty((0, 5))).shape == (0, *grid.SHAPE)
+    # The same check in the many-rows layout: rows on the box's faces pass, one row outside fails.
+    faces = np.stack([DOMAIN.lo, DOMAIN.hi])[np.arange(BATCH_LAYOUT_ROWS) % 2]
+    assert np.isfinite(tiny_model.predict(faces)).all()
+    for column, wrong in ((2, DOMAIN.hi[2] * 1.001), (0, DOMAIN.lo[0] * 0.999), (4, np.nan)):
+        rows = faces.copy()
+        rows[-1, column] = wrong
+        with pytest.raises(ValueError, match="1 parameter row"):
+            tiny_model.predict(rows)
 
 
 def test_one_layer_blocks_predict_fast_and_round_trip(engine_sets: tuple[SurfaceSet, SurfaceSet],
@@ -260,14 +282,23 @@ def test_one_layer_blocks_predict_fast_and_round_trip(engine_sets: tuple[Surface
     assert all(block.fc2 is None for block in blocks) and len(blocks) == TINY.n_blocks
     width = TINY.width
     assert model.info["n_weights"] == tiny_model.info["n_weights"] - TINY.n_blocks * (width * width + width)
-    with torch.no_grad():
-        reference = model.net(torch.from_numpy(DOMAIN.to_unit(val.params)).float()).numpy()
-    np.testing.assert_allclose(model.predict(val.params), reference, rtol=2e-5, atol=1e-6)
+    _assert_predicts_like_the_module(model, val.params)
     loaded = Surrogate.load(model.save(tmp_path / "one_layer.pt"))
     assert loaded.config.block_layers == 1
     np.testing.assert_array_equal(loaded.predict(val.params), model.predict(val.params))
     with pytest.raises(ValueError, match="block_layers must be 1 or 2"):
         replace(TINY, block_layers=3)
+
+
+@pytest.mark.parametrize("options", [
+    {"activation": "gelu", "log_inputs": False, "log_surface": True},
+    {"activation": "tanh", "block_layers": 1, "expected_vol_base": True},
+], ids=["gelu-log-surface", "tanh-expected-vol"])
+def test_both_prediction_layouts_follow_every_network_option(engine_sets: tuple[SurfaceSet, SurfaceSet],
+                                                             options: dict[str, object]) -> None:
+    train, val = engine_sets
+    model = train_surrogate(replace(TINY, epochs=1, **options), DOMAIN, train, val)
+    _assert_predicts_like_the_module(model, val.params)
 
 
 def test_expected_vol_is_the_engines_atm_vol_without_vol_of_vol() -> None:
@@ -298,7 +329,7 @@ def test_expected_vol_base_predicts_fast_and_round_trip(engine_sets: tuple[Surfa
         residual = model.net.decode(model.net.coefficients(unit, torch.from_numpy(level).float())).numpy()
     # The output is the expected vol plus the decoded residual, and the fast path computes the same.
     np.testing.assert_allclose(reference, residual + level[:, None, :], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(model.predict(val.params), reference, rtol=2e-5, atol=1e-6)
+    _assert_predicts_like_the_module(model, val.params)
     loaded = Surrogate.load(model.save(tmp_path / "expected_vol.pt"))
     assert loaded.config.expected_vol_base
     np.testing.assert_array_equal(loaded.predict(val.params), model.predict(val.params))
