@@ -634,12 +634,13 @@ class _BatchForward:
     """Throughput layout of a ``_FastForward`` (float32) for ``SurrogateModel.predict`` on many rows.
 
     Why a second layout of the same folded weights: at thousands of rows only per-row work counts, and
-    three changes cut it by 12–17 % (timed interleaved with ``_FastForward``). Activations are kept feature-major, each feature a contiguous row
-    of the chunk, where torch's vector kernels run (writing an activation into a row-major buffer with
-    a bias column falls to a scalar loop, 6× slower). Every bias rides as a constant-one input row of
-    its product, so no pass copies a bias into the output first. Output rows are padded to 64 floats,
-    and the caller gets a view of the first 60. It reads raw parameters: the unit map is folded into
-    the stem, and the log inputs and the expected vol are computed from the raw values directly.
+    three changes cut it by 12–17 % (timed interleaved with ``_FastForward``). Activations are kept
+    feature-major, each feature a contiguous row of the chunk, where torch's vector kernels run
+    (writing an activation into a row-major buffer with a bias column falls to a scalar loop, 6×
+    slower). Every bias rides as a constant-one input row of its product, so no pass copies a bias
+    into the output first. Output rows are padded to 64 floats, and the caller gets a view of the
+    first 60. It reads raw parameters: the unit map is folded into the stem, and the log inputs and
+    the expected vol are computed from the raw values directly.
     """
 
     def __init__(self, fast: _FastForward) -> None:
@@ -650,6 +651,7 @@ class _BatchForward:
         if fast.w_log is not None:
             rows.append(fast.w_log[_POSITIVE])
         self.n_vol = grid.N_MATURITIES if fast.w_vol is not None else 0
+        self.neg_maturities: torch.Tensor | None = None
         if fast.w_vol is not None:
             rows.append(fast.w_vol)
             self.neg_maturities = -fast.maturities.float()
@@ -692,7 +694,7 @@ class _BatchForward:
                                                   out=unit[:, :m]).abs_().amax()
             for lo, hi, to in self.log_runs:
                 torch.log(x_in[lo:hi], out=x_in[to : to + hi - lo])
-            if self.n_vol:
+            if self.neg_maturities is not None:
                 vol = g[width : width + self.n_vol]
                 kappa, theta, v0 = (x_in[column] for column in _EXPECTED_VOL_COLUMNS)
                 # expected_vol, written into the head's rows: √(θ + (v0 − θ)(1 − e^{−κT})/(κT)).
