@@ -72,6 +72,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+from scipy import special
 from scipy.stats import qmc
 from torch import nn
 from tqdm.auto import tqdm
@@ -530,92 +531,111 @@ class SurrogateNet(nn.Module):
         return 2.0 * (params - self.domain_lo) / (self.domain_hi - self.domain_lo) - 1.0
 
 
-_FUNCTIONAL: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "silu": nn.functional.silu, "gelu": nn.functional.gelu, "tanh": torch.tanh}
+def _silu(x: np.ndarray) -> np.ndarray:
+    # exp(−x) overflows to inf only where x < −88 (float32), and x / inf is SiLU's limit there, −0.
+    with np.errstate(over="ignore"):
+        return x / (1.0 + np.exp(-x))
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + special.erf(x / math.sqrt(2.0)))
+
+
+_NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "silu": _silu, "gelu": _gelu, "tanh": np.tanh}
 
 
 class _FastForward:
-    """Plain-function copy of a ``SurrogateNet`` for inference: flat surfaces (n, 60) from unit inputs.
+    """Plain numpy copy of a ``SurrogateNet`` for a few rows: flat surfaces (n, 60) from unit inputs.
 
-    Why: at the few rows of a calibration step or a single prediction, ``nn.Module`` call overhead
-    costs more than the arithmetic. Here every layer is one ``addmm``; the log-input affine map is
-    folded into the stem, and the head, the PCA decode and the de-standardisation into one
-    (width → 60) layer: μ + σ ⊙ ((W h + b) C) = (σ ⊙ Wᵀ C)ᵀ h + (μ + σ ⊙ b C).
+    Why: at the few rows of a calibration step or a small prediction, per-call overhead is the cost,
+    and a numpy call costs a third of a torch one (a Levenberg–Marquardt iteration, forward included,
+    runs ~3× faster). Every layer is one matrix product; the log-input affine map is folded into the
+    stem, and the head, the PCA decode and the de-standardisation into one (width → 60) layer:
+    μ + σ ⊙ ((W h + b) C) = (σ ⊙ Wᵀ C)ᵀ h + (μ + σ ⊙ b C). Folded in float64, stored in ``dtype``.
     """
 
-    def __init__(self, net: SurrogateNet, dtype: torch.dtype) -> None:
+    def __init__(self, net: SurrogateNet, dtype: type[np.floating] = np.float64) -> None:
         def cast(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(dtype).clone().contiguous()
+            return t.detach().to(torch.float64).clone().contiguous()
+
+        def store(t: torch.Tensor | np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(t.numpy() if isinstance(t, torch.Tensor) else t, dtype=dtype)
 
         with torch.no_grad():
             self.activation = net.activation
-            self.act = _FUNCTIONAL[net.activation]
+            self.act = _NUMPY_ACTIVATIONS[net.activation]
             self.log_surface = net.log_surface
             weight, bias = cast(net.stem.weight), cast(net.stem.bias)
             n_par = len(PARAM_NAMES)
             domain_lo, domain_hi = cast(net.domain_lo), cast(net.domain_hi)
             # Raw parameters → unit coordinates, unit = scale·raw + offset (ParameterDomain.to_unit).
             unit_scale = 2.0 / (domain_hi - domain_lo)
-            self.unit_map = (unit_scale, -1.0 - domain_lo * unit_scale)
-            self.w_unit = weight[:, :n_par].T.contiguous()
-            self.w_log: torch.Tensor | None = None
-            self.w_vol: torch.Tensor | None = None
-            self.positive: tuple[torch.Tensor, torch.Tensor] | None = None
+            self.unit_map = (store(unit_scale), store(-1.0 - domain_lo * unit_scale))
+            self.w_unit = store(weight[:, :n_par].T)
+            self.w_log: np.ndarray | None = None
+            self.w_vol: np.ndarray | None = None
+            self.maturities: np.ndarray | None = None
+            self.positive: tuple[np.ndarray, np.ndarray] | None = None
             lo, hi = domain_lo[_POSITIVE], domain_hi[_POSITIVE]
             if net.log_inputs or net.expected_vol_base:
-                # The raw positive parameters c0 + c1·u over all five columns (one addcmul): rho's
-                # column gets 1 + 0·u, so its log is 0 and meets a zero weight row, which is cheaper
-                # than gathering four columns.
-                c0, c1 = torch.ones(n_par, dtype=dtype), torch.zeros(n_par, dtype=dtype)
+                # The raw positive parameters c0 + c1·u over all five columns: rho's column gets
+                # 1 + 0·u, so its log is 0 and meets a zero weight row (cheaper than a gather).
+                c0, c1 = torch.ones(n_par, dtype=torch.float64), torch.zeros(n_par, dtype=torch.float64)
                 c0[_POSITIVE], c1[_POSITIVE] = 0.5 * (lo + hi), 0.5 * (hi - lo)
-                self.positive = (c0, c1)
+                self.positive = (store(c0), store(c1))
             column = n_par
             if net.log_inputs:
                 # feature = s·log(raw) + t, with s and t folded into the stem.
                 s = 2.0 / torch.log(hi / lo)
                 t = -1.0 - s * torch.log(lo)
                 w_log = weight[:, column : column + len(_POSITIVE)]
-                self.w_log = torch.zeros(n_par, weight.shape[0], dtype=dtype)
-                self.w_log[_POSITIVE] = (w_log * s).T
+                w_log_rows = torch.zeros(n_par, weight.shape[0], dtype=torch.float64)
+                w_log_rows[_POSITIVE] = (w_log * s).T
+                self.w_log = store(w_log_rows)
                 bias = bias + w_log @ t
                 column += len(_POSITIVE)
+            self.spread: np.ndarray | None = None
             if net.expected_vol_base:
                 # feature = s·vol + t, folded into the stem the same way.
-                self.maturities = cast(net.maturities)
+                self.maturities = store(cast(net.maturities))
                 s = 2.0 / (net.vol_hi - net.vol_lo)
                 w_vol = weight[:, column:]
-                self.w_vol = (w_vol * s).T.contiguous()
+                self.w_vol = store((w_vol * s).T)
                 bias = bias + w_vol.sum(dim=1) * (-1.0 - s * net.vol_lo)
                 # The base as a (maturities → flat grid) 0/1 matrix: one small product adds each
                 # maturity's vol to its strikes, where a broadcast add over (n, 10, 6) costs 5× more.
-                self.spread = torch.eye(grid.N_MATURITIES, dtype=dtype).repeat(1, grid.N_STRIKES)
-            self.bias = bias
-            self.blocks = [[(cast(fc.weight).T.contiguous(), cast(fc.bias)) for fc in b.layers]
+                self.spread = store(np.tile(np.eye(grid.N_MATURITIES), grid.N_STRIKES))
+            self.bias = store(bias)
+            self.blocks = [[(store(cast(fc.weight).T), store(cast(fc.bias))) for fc in b.layers]
                            for b in net.blocks]
             components, scale = cast(net.pca_components), cast(net.pca_scale)
-            self.w_out = ((cast(net.head.weight).T @ components) * scale).contiguous()
-            self.b_out = cast(net.pca_mean) + scale * (cast(net.head.bias) @ components)
+            self.w_out = store((cast(net.head.weight).T @ components) * scale)
+            self.b_out = store(cast(net.pca_mean) + scale * (cast(net.head.bias) @ components))
 
-    def __call__(self, unit: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, unit: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Flat surfaces (n, 60) for unit parameters (n, 5), written into ``out`` when given."""
-        h = torch.addmm(self.bias, unit, self.w_unit)
-        raw = torch.addcmul(*self.positive, unit) if self.positive is not None else unit
+        h = unit @ self.w_unit + self.bias
+        raw = self.positive[0] + self.positive[1] * unit if self.positive is not None else unit
         if self.w_log is not None:
-            h = torch.addmm(h, torch.log(raw), self.w_log)
+            h += np.log(raw) @ self.w_log
         vol = None
         if self.w_vol is not None:
-            vol = expected_vol(raw, self.maturities)
-            h.addmm_(vol, self.w_vol)
-        act = self.act
+            kappa, theta, v0 = (raw[:, column : column + 1] for column in _EXPECTED_VOL_COLUMNS)
+            decay = -kappa * self.maturities
+            # expected_vol: √(θ + (v0 − θ)(1 − e^{−κT})/(κT)).
+            vol = np.sqrt(theta + (v0 - theta) * (np.expm1(decay) / decay))
+            h += vol @ self.w_vol
         for layers in self.blocks:
             x = h
             for weight, bias in layers:
-                x = torch.addmm(bias, act(x), weight)
+                x = self.act(x) @ weight + bias
             h = h + x
-        surfaces = torch.addmm(self.b_out, act(h), self.w_out, out=out)
+        surfaces = np.matmul(self.act(h), self.w_out, out=out)
+        surfaces += self.b_out
         if vol is not None:
-            surfaces.addmm_(vol, self.spread)
-        return surfaces.exp_() if self.log_surface else surfaces
+            surfaces += vol @ self.spread
+        return np.exp(surfaces, out=surfaces) if self.log_surface else surfaces
 
 
 # Out-variant of each activation: the batched forward writes activations straight into its buffers.
@@ -644,29 +664,36 @@ class _BatchForward:
     """
 
     def __init__(self, fast: _FastForward) -> None:
+        """Re-lay the folded weights of ``fast`` (float64, so the folds are exact before rounding)."""
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(array, dtype=np.float64))
+
         n_par = len(PARAM_NAMES)
-        unit_scale, unit_offset = fast.unit_map
-        rows = [unit_scale[:, None] * fast.w_unit]
+        unit_scale, unit_offset = (tensor(part) for part in fast.unit_map)
+        w_unit = tensor(fast.w_unit)
+        rows = [unit_scale[:, None] * w_unit]
         self.n_log = len(_POSITIVE) if fast.w_log is not None else 0
         if fast.w_log is not None:
-            rows.append(fast.w_log[_POSITIVE])
+            rows.append(tensor(fast.w_log)[_POSITIVE])
         self.n_vol = grid.N_MATURITIES if fast.w_vol is not None else 0
         self.neg_maturities: torch.Tensor | None = None
-        if fast.w_vol is not None:
-            rows.append(fast.w_vol)
-            self.neg_maturities = -fast.maturities.float()
-        rows.append((fast.bias + unit_offset @ fast.w_unit)[None])
+        if fast.w_vol is not None and fast.maturities is not None:
+            rows.append(tensor(fast.w_vol))
+            self.neg_maturities = -tensor(fast.maturities).float()
+        rows.append((tensor(fast.bias) + unit_offset @ w_unit)[None])
         self.n_inputs = n_par + self.n_log + self.n_vol
         self.w_stem = torch.cat(rows).T.float().contiguous()
         self.width = self.w_stem.shape[0]
-        self.blocks = [[torch.cat([weight, bias[None]]).T.float().contiguous() for weight, bias in layers]
-                       for layers in fast.blocks]
-        out_rows = [fast.w_out] + ([fast.spread] if self.n_vol else []) + [fast.b_out[None]]
-        w_out = torch.cat(out_rows).float()
+        self.blocks = [[torch.cat([tensor(weight), tensor(bias)[None]]).T.float().contiguous()
+                        for weight, bias in layers] for layers in fast.blocks]
+        out_rows = [tensor(fast.w_out)]
+        if fast.spread is not None:
+            out_rows.append(tensor(fast.spread))
+        w_out = torch.cat([*out_rows, tensor(fast.b_out)[None]]).float()
         self.w_out = torch.zeros(w_out.shape[0], _PADDED_POINTS)
         self.w_out[:, : w_out.shape[1]] = w_out
         self.act_out = _ACTIVATION_OUT[fast.activation]
-        self.unit_scale, self.unit_offset = (t.float()[:, None] for t in fast.unit_map)
+        self.unit_scale, self.unit_offset = unit_scale.float()[:, None], unit_offset.float()[:, None]
         self.log_surface = fast.log_surface
         # The positive columns as runs of adjacent rows (source start, stop, destination), one log each.
         self.log_runs = _adjacent_runs(_POSITIVE, first_destination=n_par) if self.n_log else []
@@ -873,14 +900,23 @@ class SurrogateModel:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    _fast: dict[torch.dtype, _FastForward] = field(default_factory=dict, repr=False)
+    _fast: dict[str, _FastForward] = field(default_factory=dict, repr=False)
     _batch: _BatchForward | None = field(default=None, repr=False)
+    _net64: SurrogateNet | None = field(default=None, repr=False)
 
-    def fast_forward(self, dtype: torch.dtype = torch.float32) -> _FastForward:
-        """Cached plain-function copy (float32 for prediction, float64 for calibration line searches)."""
-        if dtype not in self._fast:
-            self._fast[dtype] = _FastForward(self.net, dtype)
-        return self._fast[dtype]
+    def fast_forward(self, dtype: type[np.floating] = np.float32) -> _FastForward:
+        """Cached numpy copy (float32 for prediction and the calibration screen, float64 for LM)."""
+        key = np.dtype(dtype).name
+        if key not in self._fast:
+            self._fast[key] = _FastForward(self.net, dtype)
+        return self._fast[key]
+
+    def float64_net(self) -> SurrogateNet:
+        """Cached float64 copy of the module, without parameter gradients (L-BFGS differentiates
+        through it with respect to its input only)."""
+        if self._net64 is None:
+            self._net64 = copy.deepcopy(self.net).double().requires_grad_(False)
+        return self._net64
 
     def predict(self, params: ArrayLike, batch_size: int = 8192, check_domain: bool = True) -> np.ndarray:
         """IV surfaces (n, 10, 6) for parameters (n, 5); (10, 6) for one vector (5,); float32.
@@ -896,21 +932,18 @@ class SurrogateModel:
         p = np.atleast_2d(p)
         if p.ndim != 2 or p.shape[1] != len(PARAM_NAMES):
             raise ValueError(f"params must have shape (5,) or (n, 5) in order {PARAM_NAMES}, got {p.shape}")
-        raw = torch.from_numpy(p)
-        # No grad mode needed: the forwards' tensors are detached, so nothing records a graph.
+        n_points = grid.N_STRIKES * grid.N_MATURITIES
         if p.shape[0] >= _BATCH_LAYOUT_ROWS:
             if self._batch is None:
-                self._batch = _BatchForward(self.fast_forward(torch.float64))
-            padded, reach = self._batch(raw, chunk=batch_size)
-            flat = padded[:, : grid.N_STRIKES * grid.N_MATURITIES]
+                self._batch = _BatchForward(self.fast_forward(np.float64))
+            # No grad mode needed: the forward's tensors are detached, so nothing records a graph.
+            padded, reach = self._batch(torch.from_numpy(p), chunk=batch_size)
+            flat = padded.numpy()[:, :n_points]
         else:
-            # ParameterDomain.to_unit as one fused torch pass: numpy's broadcasts over rows of five
-            # cost more than the network's first layer.
-            unit = torch.addcmul(torch.from_numpy(self.domain.unit_offset), raw,
-                                 torch.from_numpy(self.domain.unit_scale))
-            reach = float(unit.abs().amax()) if p.shape[0] else 0.0
-            predictor, x = self.fast_forward(torch.float32), unit.float()
-            flat = torch.empty(p.shape[0], grid.N_STRIKES * grid.N_MATURITIES)
+            unit = self.domain.to_unit(p)
+            reach = float(np.abs(unit).max()) if p.shape[0] else 0.0
+            predictor, x = self.fast_forward(np.float32), unit.astype(np.float32)
+            flat = np.empty((p.shape[0], n_points), dtype=np.float32)
             # Chunks keep the hidden activations in cache; each chunk's output lands in place.
             for start in range(0, p.shape[0], batch_size):
                 predictor(x[start : start + batch_size], out=flat[start : start + batch_size])
@@ -918,7 +951,7 @@ class SurrogateModel:
         if check_domain and not reach <= 1.0 + _UNIT_SLACK:  # NaN fails too
             bad = int((~self.domain.contains(p)).sum())
             raise ValueError(f"{bad} parameter row(s) outside the surrogate's domain {self.domain.to_dict()}")
-        surfaces = flat.numpy().reshape(-1, *grid.SHAPE)
+        surfaces = flat.reshape(-1, *grid.SHAPE)
         return surfaces[0] if single else surfaces
 
     def save(self, path: Path | str) -> Path:
@@ -1209,86 +1242,90 @@ def _screen_design(seed: int = 12345) -> np.ndarray:
 
 
 _SCREEN = _screen_design()
+_SCREEN_FLOAT32 = _SCREEN.astype(np.float32)
 
 
-def _residuals_and_jacobian(net: _FastForward, z: torch.Tensor, target: torch.Tensor,
-                            sqrt_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _residuals_and_jacobian(net: _FastForward, z: np.ndarray, target: np.ndarray,
+                            sqrt_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Weighted residuals (S, 60) at ``z`` (S, 5) and their Jacobian (S, 60, 5) from one batched forward.
 
     Central differences in float64 with step 1e-5 in z: truncation ~1e-10 relative, far below what LM
-    can notice, and the 11 rows per start go through the network as one batch. (Torch's forward-mode
-    autodiff gives the same Jacobian exactly but its per-op overhead costs ~20 such forward passes.)
+    can notice, and the 11 rows per start go through the network as one batch.
     """
     n_starts, n_par = z.shape
-    steps = _FD_STEP * torch.eye(n_par, dtype=z.dtype)
-    rows = torch.cat([z[:, None, :], z[:, None, :] + steps, z[:, None, :] - steps], dim=1)
-    with torch.no_grad():
-        out = net(torch.tanh(rows.reshape(-1, n_par))).reshape(n_starts, 2 * n_par + 1, -1)
+    steps = _FD_STEP * np.eye(n_par)
+    rows = np.concatenate([z[:, None, :], z[:, None, :] + steps, z[:, None, :] - steps], axis=1)
+    out = net(np.tanh(rows.reshape(-1, n_par))).reshape(n_starts, 2 * n_par + 1, -1)
     residual = (out[:, 0] - target) * sqrt_w
-    jacobian = ((out[:, 1 : n_par + 1] - out[:, n_par + 1 :]) / (2.0 * _FD_STEP) * sqrt_w).transpose(1, 2)
+    jacobian = ((out[:, 1 : n_par + 1] - out[:, n_par + 1 :]) / (2.0 * _FD_STEP) * sqrt_w).transpose(0, 2, 1)
     return residual, jacobian
 
 
-def _levenberg_marquardt(net: _FastForward, z: torch.Tensor, target: torch.Tensor, sqrt_w: torch.Tensor,
-                         max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _levenberg_marquardt(net: _FastForward, z: np.ndarray, target: np.ndarray, sqrt_w: np.ndarray,
+                         max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """Batched LM with Marquardt's diagonal scaling; every start keeps its own damping and stopping test.
 
     Each trial point is evaluated together with its finite-difference stencil (one network pass per
     iteration): an accepted step then already has its Jacobian. A start is done when the model predicts
     less than ``_LM_FTOL`` of relative cost reduction for its next step (MINPACK's ftol test), its step
-    is below ``_LM_XTOL`` in z, or its RMSE is below 1e-10.
+    is below ``_LM_XTOL`` in z, or its RMSE is below 1e-10. In numpy: with 2 starts × 5 unknowns every
+    array is tiny, and a numpy call costs a third of a torch one.
     """
     residual, jacobian = _residuals_and_jacobian(net, z, target, sqrt_w)
-    cost = residual.pow(2).sum(dim=1)
-    damping = torch.full_like(cost, 1e-3)
+    cost = np.square(residual).sum(axis=1)
+    damping = np.full_like(cost, 1e-3)
     done = cost <= 1e-20
-    eye = torch.eye(z.shape[1], dtype=z.dtype)
+    eye = np.eye(z.shape[1])
     for _ in range(max_iter):
-        jt = jacobian.transpose(1, 2)
+        jt = jacobian.transpose(0, 2, 1)
         normal = jt @ jacobian
-        gradient = (jt @ residual.unsqueeze(2)).squeeze(2)
-        diagonal = torch.diagonal(normal, dim1=1, dim2=2)
-        step = -torch.linalg.solve(normal + damping[:, None, None] * (diagonal.diag_embed() + 1e-12 * eye),
-                                   gradient)
-        predicted = cost - (residual + (jacobian @ step.unsqueeze(2)).squeeze(2)).pow(2).sum(dim=1)
-        small_step = step.abs().amax(dim=1) <= _LM_XTOL * (1.0 + z.abs().amax(dim=1))
+        gradient = (jt @ residual[:, :, None])[:, :, 0]
+        diagonal = np.diagonal(normal, axis1=1, axis2=2)
+        scaled = normal + damping[:, None, None] * (diagonal[:, :, None] * eye + 1e-12 * eye)
+        step = -np.linalg.solve(scaled, gradient[:, :, None])[:, :, 0]
+        predicted = cost - np.square(residual + (jacobian @ step[:, :, None])[:, :, 0]).sum(axis=1)
+        small_step = np.abs(step).max(axis=1) <= _LM_XTOL * (1.0 + np.abs(z).max(axis=1))
         done = done | (predicted <= _LM_FTOL * cost) | small_step
-        if bool(done.all()):
+        if done.all():
             break
-        trial = (z + step).clamp(-_Z_LIMIT, _Z_LIMIT)
+        trial = np.clip(z + step, -_Z_LIMIT, _Z_LIMIT)
         trial_residual, trial_jacobian = _residuals_and_jacobian(net, trial, target, sqrt_w)
-        trial_cost = trial_residual.pow(2).sum(dim=1)
+        trial_cost = np.square(trial_residual).sum(axis=1)
         better = (trial_cost < cost) & ~done
-        gain = (cost - trial_cost) / predicted.clamp_min(1e-300)
-        # Nielsen's rule: shrink the damping by up to 3x on a good step, grow it on a rejected one.
-        shrink = torch.clamp(1.0 - (2.0 * gain - 1.0) ** 3, min=1.0 / 3.0)
-        damping = torch.where(better, (damping * shrink).clamp_min(1e-12), damping * 4.0)
-        z = torch.where(better[:, None], trial, z)
-        cost = torch.where(better, trial_cost, cost)
-        residual = torch.where(better[:, None], trial_residual, residual)
-        jacobian = torch.where(better[:, None, None], trial_jacobian, jacobian)
+        gain = (cost - trial_cost) / np.maximum(predicted, 1e-300)
+        # Nielsen's rule: shrink the damping by up to 3x on a good step, grow it on a rejected one
+        # (a huge gain overflows the cube to -inf, which the floor of 1/3 absorbs).
+        with np.errstate(over="ignore"):
+            shrink = np.maximum(1.0 - (2.0 * gain - 1.0) ** 3, 1.0 / 3.0)
+        damping = np.where(better, np.maximum(damping * shrink, 1e-12), damping * 4.0)
+        z = np.where(better[:, None], trial, z)
+        cost = np.where(better, trial_cost, cost)
+        residual = np.where(better[:, None], trial_residual, residual)
+        jacobian = np.where(better[:, None, None], trial_jacobian, jacobian)
         done = done | (cost <= 1e-20)
     return z, cost
 
 
-def _lbfgs(net: _FastForward, z: torch.Tensor, target: torch.Tensor, sqrt_w: torch.Tensor,
-           max_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """L-BFGS on the stacked starts (their losses are independent, so the sum separates)."""
-    z = z.clone().requires_grad_(True)
+def _lbfgs(net: SurrogateNet, z0: np.ndarray, target: np.ndarray, sqrt_w: np.ndarray,
+           max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+    """L-BFGS on the stacked starts (their losses are independent, so the sum separates), through a
+    float64 copy of the module, with autograd."""
+    z = torch.from_numpy(z0).requires_grad_(True)
+    target_t, sqrt_w_t = torch.from_numpy(target), torch.from_numpy(sqrt_w)
     optimizer = torch.optim.LBFGS([z], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-12,
                                   tolerance_change=1e-16, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        residual = (net(torch.tanh(z)).reshape(z.shape[0], -1) - target) * sqrt_w
+        residual = (net(torch.tanh(z)).reshape(z.shape[0], -1) - target_t) * sqrt_w_t
         loss = 1e4 * residual.pow(2).sum()  # scaled so the tolerances bite at IV errors of ~1e-6
         loss.backward()
         return loss
 
     optimizer.step(closure)
     with torch.no_grad():
-        cost = ((net(torch.tanh(z)).reshape(z.shape[0], -1) - target) * sqrt_w).pow(2).sum(dim=1)
-    return z.detach(), cost
+        cost = ((net(torch.tanh(z)).reshape(z.shape[0], -1) - target_t) * sqrt_w_t).pow(2).sum(dim=1)
+    return z.detach().numpy(), cost.numpy()
 
 
 def calibrate_with_surrogate(
@@ -1321,25 +1358,24 @@ def calibrate_with_surrogate(
     mask = np.isfinite(market) & np.isfinite(w) & (w > 0)
     if not mask.any():
         raise ValueError("the surface has no finite, positively weighted quote")
-    net = model.fast_forward(torch.float64)
-    target = torch.from_numpy(np.where(mask, market, 0.0).reshape(1, -1))
+    target = np.where(mask, market, 0.0).reshape(1, -1)
     w_used = np.where(mask, w, 0.0)
-    sqrt_w = torch.from_numpy(np.sqrt(w_used / w_used.sum()).reshape(1, -1))
-    with torch.no_grad():
-        if x0 is None:
-            # The screen only ranks points, so float32 (twice as fast on 512 rows) is plenty.
-            screen = model.fast_forward(torch.float32)(torch.from_numpy(_SCREEN).float()).double()
-            sse = ((screen - target) * sqrt_w).pow(2).sum(dim=1)
-            design = torch.from_numpy(_SCREEN)
-            starts = design[torch.argsort(sse)[:_POLISH_STARTS]]
-        else:
-            unit0 = model.domain.to_unit(np.asarray(x0, dtype=np.float64).reshape(1, -1))
-            starts = torch.from_numpy(np.clip(unit0, -0.999, 0.999))
-    z0 = torch.atanh(starts)
-    solver = _levenberg_marquardt if method == "lm" else _lbfgs
-    z, cost = solver(net, z0, target, sqrt_w, max_iter)
-    best = int(torch.argmin(cost))
-    params = model.domain.from_unit(torch.tanh(z[best]).detach().numpy())
+    sqrt_w = np.sqrt(w_used / w_used.sum()).reshape(1, -1)
+    if x0 is None:
+        # The screen only ranks points, so float32 (twice as fast on 512 rows) is plenty.
+        screen = model.fast_forward(np.float32)(_SCREEN_FLOAT32)
+        sse = np.square((screen - target) * sqrt_w).sum(axis=1)
+        starts = _SCREEN[np.argsort(sse, kind="stable")[:_POLISH_STARTS]]
+    else:
+        unit0 = model.domain.to_unit(np.asarray(x0, dtype=np.float64).reshape(1, -1))
+        starts = np.clip(unit0, -0.999, 0.999)
+    z0 = np.arctanh(starts)
+    if method == "lm":
+        z, cost = _levenberg_marquardt(model.fast_forward(np.float64), z0, target, sqrt_w, max_iter)
+    else:
+        z, cost = _lbfgs(model.float64_net(), z0, target, sqrt_w, max_iter)
+    best = int(np.argmin(cost))
+    params = model.domain.from_unit(np.tanh(z[best]))
     return params, math.sqrt(max(float(cost[best]), 0.0)), time.perf_counter() - started
 
 
