@@ -679,10 +679,10 @@ class _BatchForward:
         if fast.w_log is not None:
             rows.append(tensor(fast.w_log)[_POSITIVE])
         self.n_vol = grid.N_MATURITIES if fast.w_vol is not None else 0
-        self.neg_maturities: torch.Tensor | None = None
+        self.neg_maturities: np.ndarray | None = None
         if fast.w_vol is not None and fast.maturities is not None:
             rows.append(tensor(fast.w_vol))
-            self.neg_maturities = -tensor(fast.maturities).float()
+            self.neg_maturities = -np.asarray(fast.maturities, dtype=np.float32)
         rows.append((tensor(fast.bias) + unit_offset @ w_unit)[None])
         self.n_inputs = n_par + self.n_log + self.n_vol
         self.w_stem = torch.cat(rows).T.float().contiguous()
@@ -716,21 +716,27 @@ class _BatchForward:
         for buffer in (inputs, act, head):
             buffer[-1] = 1.0
         hidden, step = torch.empty(width, chunk), torch.empty(width, chunk)
+        # numpy views of the same memory: numpy's SIMD log, expm1 and sqrt are 2.5× faster than torch's.
+        inputs_np, head_np = inputs.numpy(), head.numpy()
+        ratio = np.empty((self.n_vol, chunk), dtype=np.float32)
         for start in range(0, n_rows, chunk):
             m = min(chunk, n_rows - start)
             x_in, a, g, h, x = inputs[:, :m], act[:, :m], head[:, :m], hidden[:, :m], step[:, :m]
             x_in[:n_par].copy_(params[start : start + m].T)
             peaks[start // chunk] = torch.addcmul(self.unit_offset, x_in[:n_par], self.unit_scale,
                                                   out=unit[:, :m]).abs_().amax()
+            features = inputs_np[:, :m]
             for lo, hi, to in self.log_runs:
-                torch.log(x_in[lo:hi], out=x_in[to : to + hi - lo])
+                np.log(features[lo:hi], out=features[to : to + hi - lo])
             if self.neg_maturities is not None:
-                vol = g[width : width + self.n_vol]
-                kappa, theta, v0 = (x_in[column] for column in _EXPECTED_VOL_COLUMNS)
+                vol, decay = head_np[width : width + self.n_vol, :m], ratio[:, :m]
+                kappa, theta, v0 = (features[column] for column in _EXPECTED_VOL_COLUMNS)
                 # expected_vol, written into the head's rows: √(θ + (v0 − θ)(1 − e^{−κT})/(κT)).
-                decay = torch.outer(self.neg_maturities, kappa)
-                torch.addcmul(theta, v0 - theta, torch.expm1(decay).div_(decay), out=vol).sqrt_()
-                x_in[n_par + self.n_log : self.n_inputs].copy_(vol)
+                np.multiply.outer(self.neg_maturities, kappa, out=decay)
+                np.divide(np.expm1(decay), decay, out=decay)
+                np.multiply(v0 - theta, decay, out=vol)
+                np.sqrt(np.add(vol, theta, out=vol), out=vol)
+                features[n_par + self.n_log : self.n_inputs] = vol
             torch.mm(self.w_stem, x_in, out=h)
             for layers in self.blocks:
                 source = h
