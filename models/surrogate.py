@@ -39,25 +39,24 @@ The maths, in the order the pipeline runs:
   polishes the best two starts together by Levenberg–Marquardt in float64, the Jacobian by central
   differences through one batched pass per iteration (L-BFGS is available as ``method="lbfgs"``).
   All of it runs in numpy on the folded network (``_FastForward``): on arrays this small a numpy
-  call costs a third of a torch one, and a cold-start fit takes ~4 ms (max ~10 ms) where torch took
-  ~10 ms (max ~30 ms) on the same machine.
+  call costs a third of a torch one, and a cold-start fit of the fast preset takes a median 2.5 ms
+  (max under 10 ms over 50 surfaces) where torch took 7–10 ms (max 22–33 ms) on the same machine.
 * **Size.** Accuracy is bought with width and depth, throughput with their absence. Held-out 16,384
   surfaces, one thread, engine and surrogate timed back to back (``time_against_engine``), on 2-core
   AVX-512 machines: the default (64 wide, 3 blocks) has RMSE 1.8e-4 at about 0.7 µs a surface batched
   (130–220× the engine batched). The ``surrogate-fast`` preset (16 wide, 1 block, expected-vol base,
   absolute errors, 524,288 surfaces) has RMSE 7.4–7.5e-4 and p99 relative 0.82–0.84 % at 120–135 ns
-  (870–930×) in the row-major ``_FastForward``; from 4,096 rows ``predict`` now runs the feature-major
-  ``_BatchForward``, 12–17 % less time a surface in the same process, 910–1090× (the engine's own time
-  swings between 112 and 200 µs a surface with the hour on these VMs).
+  (870–930×) in the row-major torch forward this module used before; from 2,048 rows ``predict`` now
+  runs the feature-major ``_BatchForward``, 17–20 % less time a surface in the same process: 930–980×
+  in ``time_against_engine`` (130–145 ns against 137–143 µs), 1000–1400× when each side runs warm
+  back to back (the engine's own time swings between 112 and 200 µs a surface with the hour here).
   Other small networks on 524,288 surfaces (RMSE, p99, × engine): 16×1 1.3e-3, 1.5 % (1240–1400×);
   16×2 8.6e-4, 0.98 % (950–1050×; relative errors: 9.7e-4, 0.78 %, 900–970×); 16×1 with the base but
   no log inputs 8.3e-4, 0.98 % (950–1020×); and on 262,144: 24×1 8.4e-4, 0.68 % (760–880×), 24×1
   with one-layer blocks 1.3e-3 (≈1000×), hardswish instead of SiLU 1.1e-3. The batched forward runs
-  its float32 products near the core's peak (torch.compile of it gained 10 %, no more than the
-  hand-laid ``_BatchForward``, at a 20 s compile): the 16→60 output layer
-  alone is a quarter of a 16-wide network's time, and the base costs about what a second block does
-  (its closed form and the spread over strikes are two more passes), so on these machines the
-  accuracy targets and 1000× meet only within the timing noise.
+  its float32 products near the core's peak (torch.compile, max-autotune included, was no faster than
+  the hand-laid ``_BatchForward``, at a 20–30 s compile): the output product alone is a third of the
+  fast preset's time, so on these machines its accuracy and 1000× meet only within the timing noise.
 """
 
 from __future__ import annotations
