@@ -945,7 +945,7 @@ class SurrogateModel:
             if self._batch is None:
                 self._batch = _BatchForward(self.fast_forward(np.float64))
             # No grad mode needed: the forward's tensors are detached, so nothing records a graph.
-            padded, reach = self._batch(torch.from_numpy(p), chunk=batch_size)
+            padded, reach = self._batch(torch.from_numpy(np.ascontiguousarray(p)), chunk=batch_size)
             flat = padded.numpy()[:, :n_points]
         else:
             unit = self.domain.to_unit(p)

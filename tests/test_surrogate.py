@@ -238,7 +238,7 @@ def test_training_is_deterministic_for_a_seed(engine_sets: tuple[SurfaceSet, Sur
 def _assert_predicts_like_the_module(model: SurrogateModel, params: np.ndarray) -> None:
     """``predict`` against the module's own forward, in both layouts: few rows and many rows."""
     many = params[np.arange(BATCH_LAYOUT_ROWS) % params.shape[0]]
-    for rows in (params, many):
+    for rows in (params, many, many[::-1]):  # reversed: a view with a negative stride
         with torch.no_grad():
             reference = model.net(torch.from_numpy(DOMAIN.to_unit(rows)).float()).numpy()
         predicted = model.predict(rows)
