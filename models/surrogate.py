@@ -695,7 +695,7 @@ class _BatchForward:
         self.w_out = torch.zeros(w_out.shape[0], _PADDED_POINTS)
         self.w_out[:, : w_out.shape[1]] = w_out
         self.act_out = _ACTIVATION_OUT[fast.activation]
-        self.unit_scale, self.unit_offset = unit_scale.float()[:, None], unit_offset.float()[:, None]
+        self.unit_scale, self.unit_offset = unit_scale.numpy(), unit_offset.numpy()
         self.log_surface = fast.log_surface
         # The positive columns as runs of adjacent rows (source start, stop, destination), one log each.
         self.log_runs = _adjacent_runs(_POSITIVE, first_destination=n_par) if self.n_log else []
@@ -708,7 +708,9 @@ class _BatchForward:
         n_rows, n_par, width = params.shape[0], len(PARAM_NAMES), self.width
         chunk = max(1, min(chunk, n_rows))
         out = torch.empty(n_rows, _PADDED_POINTS)
-        unit, peaks = torch.empty(n_par, chunk), torch.zeros(math.ceil(n_rows / chunk))
+        # Per chunk, each parameter's smallest and largest value (NaN if any is NaN): the affine unit
+        # map is monotone, so they bound |unit| without mapping every row.
+        extremes = np.empty((math.ceil(n_rows / chunk), 2, n_par), dtype=np.float32)
         # Feature-major buffers, each with its constant-one bias row last.
         inputs, act = torch.empty(self.n_inputs + 1, chunk), torch.empty(width + 1, chunk)
         head = torch.empty(width + self.n_vol + 1, chunk)
@@ -722,9 +724,9 @@ class _BatchForward:
             m = min(chunk, n_rows - start)
             x_in, a, g, h, x = inputs[:, :m], act[:, :m], head[:, :m], hidden[:, :m], step[:, :m]
             x_in[:n_par].copy_(params[start : start + m].T)
-            peaks[start // chunk] = torch.addcmul(self.unit_offset, x_in[:n_par], self.unit_scale,
-                                                  out=unit[:, :m]).abs_().amax()
             features = inputs_np[:, :m]
+            np.min(features[:n_par], axis=1, out=extremes[start // chunk, 0])
+            np.max(features[:n_par], axis=1, out=extremes[start // chunk, 1])
             for lo, hi, to in self.log_runs:
                 np.log(features[lo:hi], out=features[to : to + hi - lo])
             if self.neg_maturities is not None:
@@ -739,16 +741,19 @@ class _BatchForward:
             torch.mm(self.w_stem, x_in, out=h)
             for layers in self.blocks:
                 source = h
-                for weight in layers:
+                for weight in layers[:-1]:
                     self.act_out(source, out=a[:width])
                     torch.mm(weight, a, out=x)
                     source = x
-                h.add_(x)
+                # The block's last product accumulates onto h in place: the residual add is free.
+                self.act_out(source, out=a[:width])
+                h.addmm_(layers[-1], a)
             self.act_out(h, out=g[:width])
             torch.mm(g.T, self.w_out, out=out[start : start + m])
         if self.log_surface:
             out.exp_()
-        return out, float(peaks.amax()) if n_rows else 0.0
+        reach = np.abs(extremes * self.unit_scale + self.unit_offset).max() if n_rows else 0.0
+        return out, float(reach)
 
 
 def _adjacent_runs(columns: list[int], first_destination: int) -> list[tuple[int, int, int]]:
