@@ -415,6 +415,18 @@ def expected_vol(params: torch.Tensor, maturities: torch.Tensor) -> torch.Tensor
     return torch.addcmul(theta, v0 - theta, torch.expm1(decay) / decay).sqrt().T
 
 
+def _expected_vol_numpy(kappa: np.ndarray, theta: np.ndarray, v0: np.ndarray, neg_maturities: np.ndarray,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """``expected_vol`` in numpy for the fast paths: κ, θ, v0 broadcast against −T, so the caller's
+    shapes choose the layout (rows × maturities, or maturities × rows into ``out``)."""
+    decay = np.multiply(neg_maturities, kappa)
+    ratio = np.expm1(decay)
+    ratio /= decay
+    vol = np.multiply(v0 - theta, ratio, out=out)
+    vol += theta
+    return np.sqrt(vol, out=vol)
+
+
 class _ResidualBlock(nn.Module):
     """Pre-activation residual block ``h + W₂ φ(W₁ φ(h))``, or ``h + W₁ φ(h)`` with one layer.
 
@@ -577,7 +589,7 @@ class _FastForward:
             self.w_unit = store(weight[:, :n_par].T)
             self.w_log: np.ndarray | None = None
             self.w_vol: np.ndarray | None = None
-            self.maturities: np.ndarray | None = None
+            self.neg_maturities: np.ndarray | None = None
             self.positive: tuple[np.ndarray, np.ndarray] | None = None
             lo, hi = domain_lo[_POSITIVE], domain_hi[_POSITIVE]
             if net.log_inputs or net.expected_vol_base:
@@ -600,7 +612,7 @@ class _FastForward:
             self.spread: np.ndarray | None = None
             if net.expected_vol_base:
                 # feature = s·vol + t, folded into the stem the same way.
-                self.maturities = store(cast(net.maturities))
+                self.neg_maturities = store(-cast(net.maturities))
                 s = 2.0 / (net.vol_hi - net.vol_lo)
                 w_vol = weight[:, column:]
                 self.w_vol = store((w_vol * s).T)
@@ -624,9 +636,7 @@ class _FastForward:
         vol = None
         if self.w_vol is not None:
             kappa, theta, v0 = (raw[:, column : column + 1] for column in _EXPECTED_VOL_COLUMNS)
-            decay = -kappa * self.maturities
-            # expected_vol: √(θ + (v0 − θ)(1 − e^{−κT})/(κT)).
-            vol = np.sqrt(theta + (v0 - theta) * (np.expm1(decay) / decay))
+            vol = _expected_vol_numpy(kappa, theta, v0, self.neg_maturities)
             h += vol @ self.w_vol
         for layers in self.blocks:
             x = h
@@ -679,9 +689,9 @@ class _BatchForward:
             rows.append(tensor(fast.w_log)[_POSITIVE])
         self.n_vol = grid.N_MATURITIES if fast.w_vol is not None else 0
         self.neg_maturities: np.ndarray | None = None
-        if fast.w_vol is not None and fast.maturities is not None:
+        if fast.w_vol is not None and fast.neg_maturities is not None:
             rows.append(tensor(fast.w_vol))
-            self.neg_maturities = -np.asarray(fast.maturities, dtype=np.float32)
+            self.neg_maturities = np.asarray(fast.neg_maturities, dtype=np.float32)[:, None]
         rows.append((tensor(fast.bias) + unit_offset @ w_unit)[None])
         self.n_inputs = n_par + self.n_log + self.n_vol
         self.w_stem = torch.cat(rows).T.float().contiguous()
@@ -719,7 +729,6 @@ class _BatchForward:
         hidden, step = torch.empty(width, chunk), torch.empty(width, chunk)
         # numpy views of the same memory: numpy's SIMD log, expm1 and sqrt are 2.5× faster than torch's.
         inputs_np, head_np = inputs.numpy(), head.numpy()
-        ratio = np.empty((self.n_vol, chunk), dtype=np.float32)
         for start in range(0, n_rows, chunk):
             m = min(chunk, n_rows - start)
             x_in, a, g, h, x = inputs[:, :m], act[:, :m], head[:, :m], hidden[:, :m], step[:, :m]
@@ -730,13 +739,10 @@ class _BatchForward:
             for lo, hi, to in self.log_runs:
                 np.log(features[lo:hi], out=features[to : to + hi - lo])
             if self.neg_maturities is not None:
-                vol, decay = head_np[width : width + self.n_vol, :m], ratio[:, :m]
+                # The expected vol, written into the head's rows and copied to the stem's inputs.
                 kappa, theta, v0 = (features[column] for column in _EXPECTED_VOL_COLUMNS)
-                # expected_vol, written into the head's rows: √(θ + (v0 − θ)(1 − e^{−κT})/(κT)).
-                np.multiply.outer(self.neg_maturities, kappa, out=decay)
-                np.divide(np.expm1(decay), decay, out=decay)
-                np.multiply(v0 - theta, decay, out=vol)
-                np.sqrt(np.add(vol, theta, out=vol), out=vol)
+                vol = _expected_vol_numpy(kappa, theta, v0, self.neg_maturities,
+                                          out=head_np[width : width + self.n_vol, :m])
                 features[n_par + self.n_log : self.n_inputs] = vol
             torch.mm(self.w_stem, x_in, out=h)
             for layers in self.blocks:
