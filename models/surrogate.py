@@ -658,8 +658,8 @@ _PADDED_POINTS = 64
 # From this many rows ``predict`` runs ``_BatchForward`` (less work per row); below it the numpy
 # ``_FastForward`` (less per call: ~50 µs against ~120 µs for one surface; even at 1,000–2,000 rows).
 _BATCH_LAYOUT_ROWS = 2048
-# |unit coordinate| above 1 + this is outside the domain: float32 rounding of a point on a face stays below.
-_UNIT_SLACK = 1e-6
+# |unit coordinate| above 1 + this is outside the domain (float64, as ``ParameterDomain.to_unit`` maps).
+_UNIT_SLACK = 2e-9
 
 
 class _BatchForward:
@@ -706,14 +706,19 @@ class _BatchForward:
         self.w_out[:, : w_out.shape[1]] = w_out
         self.act_out = _ACTIVATION_OUT[fast.activation]
         self.unit_scale, self.unit_offset = unit_scale.numpy(), unit_offset.numpy()
+        # How far a float32-rounded parameter can move its unit coordinate: twice float32's half-ulp
+        # (2⁻²⁴, relative) of the largest face value, times the scale. Well inside this of a face the
+        # float32 reading decides; nearer, ``predict`` decides in float64.
+        faces = np.abs(np.stack([(-1.0 - self.unit_offset), (1.0 - self.unit_offset)]) / self.unit_scale)
+        self.unit_error = 2.0 ** -23 * faces.max(axis=0) * self.unit_scale
         self.log_surface = fast.log_surface
         # The positive columns as runs of adjacent rows (source start, stop, destination), one log each.
         self.log_runs = _adjacent_runs(_POSITIVE, first_destination=n_par) if self.n_log else []
 
-    def __call__(self, params: torch.Tensor, chunk: int) -> tuple[torch.Tensor, float]:
+    def __call__(self, params: torch.Tensor, chunk: int) -> tuple[torch.Tensor, np.ndarray]:
         """Padded flat surfaces (n, 64), the grid in the first 60 columns, for raw parameters (n, 5),
-        and the largest |unit coordinate| among them (> 1 outside the domain, NaN for a NaN input):
-        the domain check rides on the chunk's float32 copy instead of a float64 pass over the input.
+        and each parameter's largest |unit coordinate| read from their float32 copies (NaN for a NaN
+        input; within ``unit_error`` of the float64 value): the domain check rides on the chunk.
         """
         n_rows, n_par, width = params.shape[0], len(PARAM_NAMES), self.width
         chunk = max(1, min(chunk, n_rows))
@@ -758,8 +763,7 @@ class _BatchForward:
             torch.mm(g.T, self.w_out, out=out[start : start + m])
         if self.log_surface:
             out.exp_()
-        reach = np.abs(extremes * self.unit_scale + self.unit_offset).max() if n_rows else 0.0
-        return out, float(reach)
+        return out, np.abs(extremes * self.unit_scale + self.unit_offset).max(axis=(0, 1), initial=0.0)
 
 
 def _adjacent_runs(columns: list[int], first_destination: int) -> list[tuple[int, int, int]]:
@@ -956,8 +960,12 @@ class SurrogateModel:
             if self._batch is None:
                 self._batch = _BatchForward(self.fast_forward(np.float64))
             # No grad mode needed: the forward's tensors are detached, so nothing records a graph.
-            padded, reach = self._batch(torch.from_numpy(np.ascontiguousarray(p)), chunk=batch_size)
+            padded, peaks = self._batch(torch.from_numpy(np.ascontiguousarray(p)), chunk=batch_size)
             flat = padded.numpy()[:, :n_points]
+            reach = float(peaks.max())
+            if check_domain and not (peaks <= 1.0 - self._batch.unit_error).all():  # NaN fails too
+                # Near a face (or past it): float32 rounding could decide either way; float64 decides.
+                reach = float(np.abs(self.domain.to_unit(p)).max())
         else:
             unit = self.domain.to_unit(p)
             reach = float(np.abs(unit).max()) if p.shape[0] else 0.0
@@ -966,7 +974,6 @@ class SurrogateModel:
             # Chunks keep the hidden activations in cache; each chunk's output lands in place.
             for start in range(0, p.shape[0], batch_size):
                 predictor(x[start : start + batch_size], out=flat[start : start + batch_size])
-        # The bound allows float32 rounding of the batched path's unit coordinates.
         if check_domain and not reach <= 1.0 + _UNIT_SLACK:  # NaN fails too
             bad = int((~self.domain.contains(p)).sum())
             raise ValueError(f"{bad} parameter row(s) outside the surrogate's domain {self.domain.to_dict()}")
